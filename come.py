@@ -121,6 +121,9 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
+PER_LAYER_FIELDS = ("layer_types",)      # config lists with one entry per decoder layer (plus max_window_layers)
+
+
 def layer_type(config, index: int) -> str:
     types = getattr(config, "layer_types", None)
     return types[index] if types else "full_attention"
@@ -426,25 +429,27 @@ def concat_merge(sources: list[dict[str, torch.Tensor]], groups: list[torch.Tens
 
 
 def apply_merge(model, start: int, n: int, merged: dict[str, torch.Tensor]) -> None:
-    """Write the merged layer at `start`, delete layers start+1 .. start+n-1, fix layer indices and config."""
-    layers = decoder_layers(model)
-    layers[start].load_state_dict(merged, strict=True)
-    model.model.layers = nn.ModuleList(list(layers[:start + 1]) + list(layers[start + n:]))
+    """Write the merged layer at `start` and delete layers start+1 .. start+n-1."""
+    decoder_layers(model)[start].load_state_dict(merged, strict=True)
+    keep_layers(model, [i for i in range(len(decoder_layers(model))) if not start < i < start + n])
+
+
+def keep_layers(model, keep: list[int]) -> None:
+    """Keep only the decoder layers `keep` (in order); renumber them and rebuild every per-layer config field."""
+    layers, config = decoder_layers(model), model.config
+    old = len(layers)
+    model.model.layers = nn.ModuleList(layers[i] for i in keep)
     for i, layer in enumerate(decoder_layers(model)):
         layer.self_attn.layer_idx = i
-    config, old = model.config, config_layer_count(model.config)
     # DEVIATION: rebuild per-layer config fields from each new layer's first source layer (transformers 5 validates).
-    for name, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == old and name != "architectures":
-            setattr(config, name, value[:start + 1] + value[start + n:])
+    for name in PER_LAYER_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            assert len(value) == old, f"config.{name} has {len(value)} entries for {old} layers"
+            setattr(config, name, [value[i] for i in keep])
     if isinstance(getattr(config, "max_window_layers", None), int):
-        removed_below = max(0, min(config.max_window_layers, start + n) - (start + 1))
-        config.max_window_layers -= removed_below
-    config.num_hidden_layers = len(decoder_layers(model))
-
-
-def config_layer_count(config) -> int:
-    return config.num_hidden_layers
+        config.max_window_layers = sum(1 for i in keep if i < config.max_window_layers)
+    config.num_hidden_layers = len(keep)
 
 
 def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -554,6 +559,17 @@ def apply_plan(model, plan: dict) -> None:
         neurons = [torch.tensor(n, dtype=torch.long) for n in step["kept_neurons"]]
         merged = concat_merge(sources, groups, neurons, step["ratios"], shape, fold)
         apply_merge(model, window[0], len(window), merged)
+
+
+# ============================================================================ baselines
+def shortgpt_drop(model, calib_ids: torch.Tensor, target_layers: int) -> dict:
+    """ShortGPT: drop the layers with the lowest Block Influence, in one shot (SPEC §13)."""
+    cache = HiddenStates(model, calib_ids)
+    cache.refresh(0, desc="BI statistics")
+    bi = block_influence(cache.states)
+    drop = sorted(sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers])
+    keep_layers(model, [i for i in range(len(bi)) if i not in drop])
+    return {"bi": bi, "dropped": drop}
 
 
 # ============================================================================ data and evaluation
