@@ -399,11 +399,11 @@ def concat_merge(sources: list[dict[str, torch.Tensor]], groups: list[torch.Tens
     for key, ref in sources[0].items():
         parts = []
         for sd, grp, neu in zip(sources, groups, neurons):
-            t = sd[key].float()
+            t = sd[key].to(ref.device).float()     # window layers may sit on different GPUs
             if fold_norms and key.split(".")[1] in ("q_proj", "k_proj", "v_proj") and key.endswith("weight"):
-                t = t * sd["input_layernorm.weight"].float()[None, :]
+                t = t * sd["input_layernorm.weight"].to(ref.device).float()[None, :]
             if fold_norms and key.split(".")[1] in ("gate_proj", "up_proj") and key.endswith("weight"):
-                t = t * sd["post_attention_layernorm.weight"].float()[None, :]
+                t = t * sd["post_attention_layernorm.weight"].to(ref.device).float()[None, :]
             parts.append((t, grp, neu))
         module = key.rsplit(".", 1)[0]
         if module == "self_attn.q_proj":
@@ -702,17 +702,16 @@ def smollm2_folder() -> Path:
     log(f"converting {SMOLLM2_GGUF} to a HF folder in {folder} (once)")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = copy.deepcopy(gguf_model.config)
-    config.quantization_config = None
-    del config.quantization_config
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)   # a GGUF model cannot save_pretrained
+    settings = gguf_model.config.to_dict()
+    settings.pop("quantization_config", None)          # a GGUF-loaded model cannot save_pretrained: rebuild it
+    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(settings), dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
+        if not folder.exists():
+            tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -779,6 +778,16 @@ def check_fingerprint(model, plan: dict) -> None:
     if diff:
         raise ComeError(f"the plan was made for a different base model ({plan.get('base_model')}): "
                         f"{', '.join(f'{k} {want[k]} != {have.get(k)}' for k in diff)}")
+
+
+def read_plan(path: str) -> dict:
+    try:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ComeError(f"cannot read plan {path}: {e}") from e
+    if plan.get("format") != "come-plan/1":
+        raise ComeError(f"{path} is not a come_plan.json written by come.py")
+    return plan
 
 
 def check_save_dir(path: str | None, overwrite: bool) -> None:
@@ -857,8 +866,12 @@ def validate(args, ap) -> None:
         ap.error(f"--sparsity must lie in (0, 1), got {args.sparsity}")
     if args.span < 2:
         ap.error("--span must be at least 2")
+    if args.method == "come-p" and args.span != 2:
+        ap.error("--method come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
     if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -874,7 +887,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args) -> dict:
     t_start = time.perf_counter()
-    plan_in = json.loads(Path(args.apply_plan).read_text()) if args.apply_plan else None
+    plan_in = read_plan(args.apply_plan) if args.apply_plan else None
     if plan_in and (args.sparsity is not None or args.target_layers is not None):
         raise ComeError("--apply-plan fixes the depth; do not combine it with --sparsity/--target-layers")
     config = load_config(args.model)               # fails fast: missing model, unsupported family
