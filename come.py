@@ -652,6 +652,15 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
     return windows
 
 
+def ppl_protocol(source: str) -> str:
+    """How the perplexity text of a source is assembled (recorded next to every number)."""
+    return {"wikitext2": "wikitext-2-raw-v1 test split joined with '\\n\\n'",
+            "c4": "allenai/c4 en validation shard 00000, first 1100 documents joined with ' ', first 256*seqlen tokens",
+            "pg19": "deepmind/pg19 test split joined with '\\n\\n'",
+            "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with '\\n\\n'",
+            }.get(source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
+
+
 def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
     """The perplexity text of a source (GPTQ protocol), tokenized once, shape (1, N)."""
     rows = text_rows(source, "test")
@@ -678,6 +687,119 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
     return {"ppl": math.exp(total / count), "windows": n, "seqlen": seqlen, "tokens": count}
+
+
+DEFAULT_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa", "winogrande", "mmlu"]
+DEFAULT_SHOTS = {"mmlu": 5}
+AVERAGE_CONVENTION = "unweighted mean over tasks of acc_norm where the task reports it, else acc"
+TASKS_HINT = ("Offline alternatives: --task-path DIR with local lm-eval task YAMLs (e.g. --task-path tiny_models/tasks "
+              "--tasks come_mc), and perplexity on --eval-ppl wiki-offline or a text file.")
+
+
+def parse_tasks(spec: list[str] | None) -> dict[str, int] | None:
+    """--tasks NAME[:SHOTS] ... -> {name: num_fewshot}; a bare --tasks means the paper's default list."""
+    if spec is None or spec == ["none"]:
+        return None
+    names = spec or DEFAULT_TASKS
+    out = {}
+    for item in names:
+        name, _, shots = item.partition(":")
+        out[name] = int(shots) if shots else DEFAULT_SHOTS.get(name, 0)
+    return out
+
+
+def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None, limit: float | None,
+                  batch_size: int) -> dict:
+    """Zero/few-shot accuracy through lm-eval's Python API on the in-memory model: acc and acc_norm per task."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ComeError("task evaluation needs lm-eval: pip install 'lm-eval>=0.4.5'") from e
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = TaskManager(include_path=task_path) if task_path else TaskManager()
+    out = {}
+    for shots in sorted(set(tasks.values())):
+        names = [n for n, k in tasks.items() if k == shots]
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                                          log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        except Exception as e:  # unknown task, unreachable dataset hub: both end here
+            raise ComeError(f"lm-eval could not run tasks {names}: {type(e).__name__}: {str(e)[:300]}. "
+                            f"{TASKS_HINT}") from e
+        for name in names:
+            r = res["results"][name]
+            out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "num_fewshot": shots,
+                         "version": res["versions"].get(name), "samples": res["n-samples"].get(name, {}).get("effective"),
+                         "limit": limit}
+    scores = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in out.values()]
+    return {"tasks": out, "average": sum(scores) / len(scores), "average_convention": AVERAGE_CONVENTION,
+            "lm_eval_version": lm_eval.__version__}
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """What an evaluation measures; equal settings on the same base model give the same dense numbers."""
+    ppl: list[str]
+    seqlen: int
+    max_windows: int | None = None
+    tasks: dict[str, int] | None = None
+    task_path: str | None = None
+    limit: float | None = None
+    batch_size: int = 1
+
+
+def evaluate(model, tokenizer, settings: EvalSettings, ppl_ids: dict[str, torch.Tensor], label: str) -> dict:
+    """Perplexity on every source and task accuracy, each with its protocol and wall time."""
+    out = {"ppl": {}, "tasks": None}
+    for src in settings.ppl:
+        t0 = time.perf_counter()
+        r = perplexity(model, ppl_ids[src], settings.seqlen, settings.max_windows, desc=f"PPL {src} {label}")
+        r.update(dataset=src, text=ppl_protocol(src), metric="exp(mean next-token NLL), non-overlapping windows",
+                 full_split=settings.max_windows is None, seconds=round(time.perf_counter() - t0, 2))
+        out["ppl"][src] = r
+        log(f"{label} PPL {src}: {r['ppl']:.3f} ({r['windows']} windows, {r['seconds']} s)")
+    if settings.tasks:
+        t0 = time.perf_counter()
+        out["tasks"] = task_accuracy(model, tokenizer, settings.tasks, settings.task_path, settings.limit,
+                                     settings.batch_size)
+        out["tasks"]["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def dense_cache_file(fp: dict, dtype: torch.dtype, settings: EvalSettings) -> Path:
+    """Where dense results are cached: keyed by the base weights, dtype and every evaluation setting."""
+    key = {"fingerprint": fp, "dtype": str(dtype), "settings": dataclasses.asdict(settings)}
+    if settings.task_path:
+        key["task_files"] = {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                             for p in sorted(Path(settings.task_path).rglob("*")) if p.is_file()}
+    for src in settings.ppl:
+        if Path(src).is_file():
+            key.setdefault("ppl_files", {})[src] = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "dense-eval" / f"{digest}.json"
+
+
+def results_table(dense: dict | None, pruned: dict) -> str:
+    """before / after / retention, one row per metric."""
+    rows = [("metric", "dense", "pruned", "retention")]
+    fmt = lambda x: "-" if x is None else f"{x:.4g}"   # noqa: E731
+    for src, r in pruned["ppl"].items():
+        d = dense["ppl"][src]["ppl"] if dense else None
+        rows.append((f"PPL {src}", fmt(d), fmt(r["ppl"]), f"x{r['ppl'] / d:.2f} PPL" if d else "-"))
+    if pruned["tasks"]:
+        for name, t in pruned["tasks"]["tasks"].items():
+            for metric in ("acc", "acc_norm"):
+                if t[metric] is None:
+                    continue
+                d = dense["tasks"]["tasks"][name][metric] if dense else None
+                rows.append((f"{name} {metric}", fmt(d), fmt(t[metric]), f"{t[metric] / d:.1%}" if d else "-"))
+        d = dense["tasks"]["average"] if dense else None
+        a = pruned["tasks"]["average"]
+        rows.append(("average (acc_norm|acc)", fmt(d), fmt(a), f"{a / d:.1%}" if d else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 # ============================================================================ I/O and plan
@@ -799,8 +921,8 @@ def check_save_dir(path: str | None, overwrite: bool) -> None:
             raise ComeError(f"--save {path} is not empty; pass --overwrite to replace it")
 
 
-def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool) -> None:
-    """Write model + tokenizer + come_plan.json to a temporary folder, then rename: never a half-written model."""
+def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool, extra: dict | None = None) -> None:
+    """Write model + tokenizer + come_plan.json (+ extra JSON files) to a temporary folder, then rename it."""
     check_save_dir(path, overwrite)
     final = Path(path).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -809,7 +931,8 @@ def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool) -> Non
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "come_plan.json").write_text(json.dumps(plan, indent=1))
+        for name, content in {"come_plan.json": plan, **(extra or {})}.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -856,6 +979,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--eval-ppl", nargs="*", help="perplexity sources, or 'none' (default: the calibration source)")
     ap.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    ap.add_argument("--tasks", nargs="*", help="lm-eval tasks NAME[:SHOTS]; bare --tasks = arc_challenge arc_easy "
+                                               "hellaswag openbookqa piqa winogrande (0-shot) mmlu (5-shot)")
+    ap.add_argument("--task-path", help="folder of local lm-eval task YAMLs")
+    ap.add_argument("--limit", type=float, help="lm-eval: examples per task (int) or fraction (< 1)")
+    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    ap.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate the dense model with the same settings (cached) to report retention")
+    ap.add_argument("--results", help="results file (default: results.json in the --save folder)")
     return ap
 
 
@@ -897,6 +1028,8 @@ def run(args) -> dict:
     method = plan_in["config"]["method"] if plan_in else args.method
     save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
     check_save_dir(save, args.overwrite)
+    if args.task_path and not Path(args.task_path).is_dir():
+        raise ComeError(f"--task-path {args.task_path} is not a folder")
     preset = next((v for k, v in PAPER_PRESETS.items() if k in args.model.lower()), {})
     if preset and (args.p is None and args.rho is None):
         log(f"using the paper's preset for {args.model}: {preset}")
@@ -910,24 +1043,28 @@ def run(args) -> dict:
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
-    evals = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in SOURCES else [])
-    evals = [] if evals == ["none"] else evals
+    ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in SOURCES else [])
+    settings = EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
+                            max_windows=args.eval_windows, tasks=parse_tasks(args.tasks), task_path=args.task_path,
+                            limit=args.limit, batch_size=args.batch_size)
 
     model, tokenizer = load_model(args.model, args.device, dtype)
     log(f"model: {args.model} ({config.model_type}, {L} layers, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters, {dtype}) on {args.device}")
-    eval_ids = {src: eval_tokens(src, tokenizer, args.seqlen) for src in evals}
+    ppl_ids = {src: eval_tokens(src, tokenizer, args.seqlen) for src in settings.ppl}
+    calib_ids = None if plan_in else calibration_windows(calib, tokenizer, args.nsamples, args.seqlen, args.seed)
     params_before = sum(p.numel() for p in model.parameters())
-    calib_ids = None
-    if not plan_in:
-        calib_ids = calibration_windows(calib, tokenizer, args.nsamples, args.seqlen, args.seed)
-    results = {"before": {}, "after": {}}
-    for src, ids in eval_ids.items():
-        t0 = time.perf_counter()
-        results["before"][src] = perplexity(model, ids, args.seqlen, args.eval_windows, desc=f"PPL {src} dense")
-        results["before"][src]["seconds"] = round(time.perf_counter() - t0, 2)
-        log(f"dense PPL {src}: {results['before'][src]['ppl']:.3f}")
     fp = fingerprint(model)
+    dense = None
+    if args.eval_dense and (settings.ppl or settings.tasks):
+        cached = dense_cache_file(fp, dtype, settings)
+        if cached.is_file():
+            dense = json.loads(cached.read_text())
+            log(f"dense results from cache {cached}")
+        else:
+            dense = evaluate(model, tokenizer, settings, ppl_ids, "dense")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(dense, indent=1))
 
     t0 = time.perf_counter()
     if plan_in:
@@ -939,32 +1076,41 @@ def run(args) -> dict:
         merge = come_prune(model, calib_ids, target, cfg, cache_device=cache_dev)
     prune_seconds = time.perf_counter() - t0
     prune_rss = peak_rss_gib()
+    pruned = evaluate(model, tokenizer, settings, ppl_ids, "pruned") if settings.ppl or settings.tasks else None
 
-    for src, ids in eval_ids.items():
-        t0 = time.perf_counter()
-        results["after"][src] = perplexity(model, ids, args.seqlen, args.eval_windows, desc=f"PPL {src} pruned")
-        results["after"][src]["seconds"] = round(time.perf_counter() - t0, 2)
     params_after = sum(p.numel() for p in model.parameters())
-    summary = {"layers_before": L, "layers_after": len(decoder_layers(model)),
+    summary = {"method": method, "layers_before": L, "layers_after": len(decoder_layers(model)),
                "sparsity": 1 - params_after / params_before, "params_before": params_before,
                "params_after": params_after, "prune_seconds": round(prune_seconds, 2),
-               "peak_rss_gib_after_pruning": round(prune_rss, 3), "total_seconds": round(time.perf_counter() - t_start, 2)}
+               "peak_rss_gib_after_pruning": round(prune_rss, 3), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "total_seconds": round(time.perf_counter() - t_start, 2)}
     if torch.cuda.is_available():
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": fp,
-            "args": {k: v for k, v in vars(args).items()}, "config": dataclasses.asdict(cfg) if not plan_in
-            else plan_in["config"], "versions": versions(), "seed": args.seed,
-            "calibration": None if plan_in else {"source": calib, "tokens": calib_ids.numel(),
-                                                 "windows": calib_ids.shape[0], "seqlen": calib_ids.shape[1]},
-            "merge": merge, "summary": summary, "evaluation": results}
-    save_pruned(model, tokenizer, plan, save, args.overwrite)
+    ver = versions()
+    if settings.tasks:
+        ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
+    results = {"model": args.model, "dtype": str(dtype), "device": args.device, "settings": dataclasses.asdict(settings),
+               "dense": dense, "pruned": pruned, "summary": summary, "versions": ver}
+    plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": fp, "args": vars(args),
+            "config": plan_in["config"] if plan_in else dataclasses.asdict(cfg), "versions": ver, "seed": args.seed,
+            "calibration": plan_in["calibration"] if plan_in else {
+                "source": calib, "tokens": calib_ids.numel(), "windows": calib_ids.shape[0],
+                "seqlen": calib_ids.shape[1]},
+            "merge": merge, "summary": summary, "evaluation": {"dense": dense, "pruned": pruned}}
+    save_pruned(model, tokenizer, plan, save, args.overwrite, extra={"results.json": results})
+    if args.results:
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(results, indent=1))
 
     for step_no, step in enumerate(merge["steps"], 1):
         print(f"step {step_no:2d}: merged original layers {step['spans']} ratios {[round(r, 3) for r in step['ratios']]}")
-    ppl = "  ".join(f"PPL {s} {results['before'][s]['ppl']:.2f} -> {results['after'][s]['ppl']:.2f}" for s in evals)
+    if pruned:
+        print(results_table(dense, pruned))
+    ppl = "  ".join(f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
+                    for s, r in (pruned or {"ppl": {}})["ppl"].items())
     print(f"{method}: {L} -> {summary['layers_after']} layers, sparsity {summary['sparsity']:.3f}, {ppl}  "
           f"pruning {prune_seconds:.1f}s, peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB, saved to {save}")
-    return plan
+    return {**plan, "results": results}
 
 
 def _cache_fits(model, calib_ids: torch.Tensor, n_layers: int) -> bool:

@@ -36,6 +36,13 @@ def tiny_text(n_words: int = 400, seed: int = 0) -> str:
     return " ".join(rng.choice(words) for _ in range(n_words)) + "."
 
 
+@pytest.fixture(autouse=True)
+def private_cache(request, tmp_path_factory, monkeypatch):
+    """Tests write dense-evaluation caches to a temporary folder; the real-model test keeps the converted SmolLM2."""
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("COME_CACHE", str(tmp_path_factory.mktemp("come-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """Factory: a saved tiny model + byte-level tokenizer, as a local HF folder the CLI can load."""

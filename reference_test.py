@@ -420,7 +420,7 @@ def test_cli_sparsity_reports_achieved_sparsity(tiny_folder, calib_txt, tmp_path
     assert s["layers_after"] == 7 - 2 and 0.2 < s["sparsity"] < 0.4     # 7 layers of ~106k of 338k params
     assert s["params_after"] == sum(t.numel() for t in load_file(tmp_path / "o" / "model.safetensors").values())
     ev = plan["evaluation"]
-    assert ev["before"][str(calib_txt)]["ppl"] > 1 and ev["after"][str(calib_txt)]["windows"] >= 1
+    assert ev["dense"]["ppl"][str(calib_txt)]["ppl"] > 1 and ev["pruned"]["ppl"][str(calib_txt)]["windows"] >= 1
     out = capsys.readouterr().out
     assert "7 -> 5 layers" in out and "sparsity" in out and str(tmp_path / "o") in out
 
@@ -440,6 +440,81 @@ def test_row_calibration_is_seeded_shuffle(tmp_path):
     b = come.calibration_windows(str(path), tok, 5, 32, seed=10)
     c = come.calibration_windows(str(path), tok, 5, 32, seed=11)
     assert torch.equal(a, b) and not torch.equal(a[:1], c[:1])
+
+
+# ============================================================================ evaluation (perplexity, lm-eval, results)
+def naive_perplexity(model, ids, seqlen):
+    nll, count = 0.0, 0
+    for i in range(ids.shape[1] // seqlen):
+        window = ids[:, i * seqlen:(i + 1) * seqlen]
+        with torch.no_grad():
+            logp = model(window).logits.log_softmax(-1)
+        for t in range(seqlen - 1):
+            nll -= logp[0, t, window[0, t + 1]].item()
+            count += 1
+    return math.exp(nll / count), count
+
+
+def test_perplexity_equals_slow_reference_and_hf_loss():
+    model = make_tiny("qwen3")
+    ids = torch.randint(0, 256, (1, 135), generator=torch.Generator().manual_seed(0))
+    got = come.perplexity(model, ids, 32)
+    want, count = naive_perplexity(model, ids, 32)
+    assert got["windows"] == 4 and got["tokens"] == count == 4 * 31      # tail of 7 tokens dropped
+    assert got["ppl"] == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():
+        hf = math.exp(model(ids[:, :32], labels=ids[:, :32]).loss.item())
+    assert come.perplexity(model, ids, 32, max_windows=1)["ppl"] == pytest.approx(hf, rel=1e-5)
+
+
+def test_wiki_offline_splits_follow_the_md5_rule():
+    test, train = come.wiki_offline_rows("test"), come.wiki_offline_rows("train")
+    assert len(test) == 1010 and len(train) == 9023 and not set(test) & set(train)
+
+
+def test_lm_eval_local_task_on_in_memory_pruned_model_matches_naive_loglikelihood():
+    model = make_tiny("llama-gqa")
+    come.come_prune(model, torch.randint(0, 256, (2, 32)), 5, come.ComeConfig())
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    res = come.task_accuracy(model, tok, {"come_mc": 0}, str(TINY / "tasks"), limit=None, batch_size=4)
+    task = res["tasks"]["come_mc"]
+    assert task["samples"] == 40 and task["version"] == 1.0 and res["lm_eval_version"]
+    docs = [json.loads(l) for l in (TINY / "tasks" / "come_mc.jsonl").read_text().splitlines()]
+    hits, hits_norm = 0, 0
+    for doc in docs:   # byte-level tokenizer: tokens(context + continuation) = tokens(context) + tokens(continuation)
+        ctx = tok(f"Question: {doc['question']}\nAnswer:").input_ids
+        lls = []
+        for choice in doc["choices"]:
+            cont = tok(" " + choice).input_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            lls.append(sum(logp[len(ctx) - 1 + i, c].item() for i, c in enumerate(cont)))
+        hits += max(range(4), key=lambda i: lls[i]) == doc["answer"]
+        hits_norm += max(range(4), key=lambda i: lls[i] / len(doc["choices"][i])) == doc["answer"]
+    assert task["acc"] == pytest.approx(hits / 40) and task["acc_norm"] == pytest.approx(hits_norm / 40)
+    assert res["average"] == task["acc_norm"]
+
+
+def test_results_file_has_every_field_and_dense_results_are_cached(tiny_folder, calib_txt, tmp_path, capsys):
+    args = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+            "--eval-ppl", calib_txt, "--tasks", "come_mc", "--task-path", TINY / "tasks", "--limit", 8]
+    cli(*args, "--save", tmp_path / "a", "--results", tmp_path / "r.json")
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+    for phase in ("dense", "pruned"):
+        ppl = results[phase]["ppl"][str(calib_txt)]
+        assert {"ppl", "dataset", "text", "seqlen", "windows", "tokens", "metric", "seconds"} <= ppl.keys()
+        assert ppl["tokens"] == ppl["windows"] * 63
+        mc = results[phase]["tasks"]["tasks"]["come_mc"]
+        assert {"acc", "acc_norm", "num_fewshot", "version", "samples"} <= mc.keys() and mc["samples"] == 8
+        assert {"average", "average_convention", "lm_eval_version", "seconds"} <= results[phase]["tasks"].keys()
+    assert {"torch", "transformers", "lm_eval"} <= results["versions"].keys()
+    assert {"sparsity", "prune_seconds", "peak_rss_gib", "layers_after"} <= results["summary"].keys()
+    out = capsys.readouterr()
+    assert "retention" in out.out and "come_mc acc_norm" in out.out
+    cli(*args, "--save", tmp_path / "b")
+    assert "dense results from cache" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["dense"] == results["dense"]
 
 
 # ============================================================================ bad input: clear error, nothing written
@@ -473,6 +548,11 @@ def test_hub_unreachable_names_offline_alternatives(tiny_folder, tmp_path, capsy
     expect_error(capsys, "--model", "meta-llama/Llama-2-7b-hf", "--save", tmp_path / "o", match="--model smollm2")
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", "wikitext2", "--save", tmp_path / "o",
                  match="--calib wiki-offline")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", "wiki-offline", "--eval-ppl", "c4",
+                 "--save", tmp_path / "o", match="--eval-ppl wiki-offline")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", "wiki-offline", "--eval-ppl", "none",
+                 "--tasks", "arc_easy", "--limit", 2, "--target-layers", 6, "--save", tmp_path / "o",
+                 match="--task-path")
     assert not (tmp_path / "o").exists()
 
 
@@ -525,7 +605,7 @@ def test_smollm2_end_to_end(tmp_path):
     plan = cli("--target-layers", 26, "--nsamples", 64, "--seqlen", 512, "--eval-windows", 24,
                "--save", tmp_path / "smol")
     ev = plan["evaluation"]
-    before, after = ev["before"]["wiki-offline"]["ppl"], ev["after"]["wiki-offline"]["ppl"]
+    before, after = ev["dense"]["ppl"]["wiki-offline"]["ppl"], ev["pruned"]["ppl"]["wiki-offline"]["ppl"]
     assert 5 < before < 40 and before < after < 4 * before
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol")
     tok = AutoTokenizer.from_pretrained(tmp_path / "smol")
