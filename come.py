@@ -1276,7 +1276,7 @@ def run(args) -> dict:
         Path(args.results).write_text(json.dumps(results, indent=1))
 
     for step_no, step in enumerate(merge["steps"], 1):
-        print(f"step {step_no:2d}: merged original layers {step['spans']} ratios {[round(r, 3) for r in step['ratios']]}")
+        print(f"step {step_no:2d}: {describe_step(step)}")
     if pruned:
         print(results_table(dense, pruned))
     ppl = "  ".join(f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
@@ -1377,6 +1377,13 @@ def compare_plot(report: dict, names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def describe_step(step: dict) -> str:
+    if step["op"] == "drop":
+        return f"dropped original layer {step['original']}"
+    how = f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC"
+    return f"{step['op']} of original layers {step['spans']}, {how}"
 
 
 def _cache_fits(model, calib_ids: torch.Tensor, n_layers: int) -> bool:

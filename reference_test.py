@@ -399,8 +399,10 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--method", "come"], ["--method", "come-p", "--granularity", "4", "--fold-norms"],
-                                   ["--skip-score", "sleb", "--span", "3", "--allow-remerge"]],
-                         ids=["come", "come-p-fold", "sleb-span3"])
+                                   ["--skip-score", "sleb", "--span", "3", "--allow-remerge"],
+                                   ["--method", "laco", "--span", "3"], ["--method", "sleb"],
+                                   ["--method", "weightsum"]],
+                         ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -440,6 +442,89 @@ def test_row_calibration_is_seeded_shuffle(tmp_path):
     b = come.calibration_windows(str(path), tok, 5, 32, seed=10)
     c = come.calibration_windows(str(path), tok, 5, 32, seed=11)
     assert torch.equal(a, b) and not torch.equal(a[:1], c[:1])
+
+
+# ============================================================================ baselines (SPEC §13)
+@pytest.mark.parametrize("method", ["shortgpt", "sleb", "laco", "weightsum", "reverse"])
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa"])
+def test_baseline_removes_requested_layers_and_reloads(method, family, tmp_path):
+    model = make_tiny(family)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = come.ComeConfig(method=method, span=come.span_for(method, None))
+    result = come.PRUNERS[method](model, ids, 4, cfg)
+    assert model.config.num_hidden_layers == len(come.decoder_layers(model)) == len(result["tree"]) == 4
+    kept = sum(result["tree"], [])
+    assert kept == sorted(kept) and len(set(kept)) == len(kept)
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    come.save_pruned(model, tok, {"merge": result}, tmp_path / "m", overwrite=False)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, model(ids).logits)
+
+
+def test_shortgpt_drops_exactly_the_lowest_bi_layers():
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    cache = come.HiddenStates(copy.deepcopy(model), ids)
+    cache.refresh(0)
+    bi = naive_bi(cache.states)
+    result = come.shortgpt_prune(model, ids, 4, come.ComeConfig())
+    assert sorted(s["original"][0] for s in result["steps"]) == sorted(sorted(range(7), key=bi.__getitem__)[:3])
+
+
+def test_sleb_first_removal_is_the_brute_force_best():
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for l in range(7):
+        trial = copy.deepcopy(model)
+        come.keep_layers(trial, [i for i in range(7) if i != l])
+        with torch.no_grad():
+            losses.append(trial(ids, labels=ids).loss.item())
+    result = come.sleb_prune(model, ids, 6, come.ComeConfig())
+    assert result["steps"][0]["layer"] == min(range(7), key=losses.__getitem__)
+    assert result["steps"][0]["nll"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_weightsum_with_ratio_one_zero_is_the_first_layer():
+    model = make_tiny("qwen2")
+    a, b = (come.layer_state(l) for l in come.decoder_layers(model)[2:4])
+    merged = come.weighted_sum_merge([a, b], [1.0, 0.0])
+    assert merged.keys() == a.keys() and all(torch.equal(merged[k], a[k]) for k in a)
+    half = come.weighted_sum_merge([a, b], [0.5, 0.5])
+    torch.testing.assert_close(half["mlp.up_proj.weight"], (a["mlp.up_proj.weight"] + b["mlp.up_proj.weight"]) / 2)
+
+
+def test_laco_rdsc_uses_every_merged_layer():
+    model = make_tiny("llama-gqa")
+    sources = [come.layer_state(l) for l in come.decoder_layers(model)[1:4]]
+    merged = come.rdsc_merge(sources)
+    for k in sources[0]:
+        torch.testing.assert_close(merged[k], sources[0][k] + (sources[1][k] - sources[0][k])
+                                   + (sources[2][k] - sources[0][k]), rtol=0, atol=1e-6)
+        assert not torch.equal(merged[k], sources[-1][k])         # the LaCo authors' code returns the last layer
+    for i in range(3):                                             # every source's parameters enter the result
+        bumped = [dict(sd) for sd in sources]
+        bumped[i]["mlp.down_proj.weight"] = sources[i]["mlp.down_proj.weight"] + 1
+        assert not torch.equal(come.rdsc_merge(bumped)["mlp.down_proj.weight"], merged["mlp.down_proj.weight"])
+
+
+def test_reverse_drops_the_last_layers():
+    model = make_tiny("llama-mha")
+    result = come.reverse_prune(model, None, 4, come.ComeConfig())
+    assert result["tree"] == [[0], [1], [2], [3]]
+
+
+def test_compare_writes_table_plot_and_reuses_come_windows(tiny_folder, calib_txt, tmp_path, capsys):
+    report = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--eval-ppl", calib_txt,
+                 "--compare", "come,come-fold,shortgpt,sleb,laco,weightsum,reverse", "--sparsities", "0.15,0.3",
+                 "--save", tmp_path / "cmp")
+    assert {f.name for f in (tmp_path / "cmp").iterdir()} == {"compare.md", "compare.json", "compare.png"}
+    cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
+    assert len(cells) == 14 and {r["layers"] for r in report["rows"]} == {6, 5}
+    assert all(r["ppl"][str(calib_txt)]["ppl"] > 1 for r in report["rows"])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| laco |" in md and "s=0.3 (5 layers)" in md and "pruning wall time" in md
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ============================================================================ evaluation (perplexity, lm-eval, results)
