@@ -18,6 +18,9 @@ Paper map
     Algorithm 1 (progressive CoMe)                   -> come_prune(method="come")
     Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio
     sparsity -> layers removed                       -> layers_to_remove
+    baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
+                                                        weightsum_prune (weighted_sum_merge), reverse_prune
+    evaluation (GPTQ perplexity, lm-eval)            -> perplexity, task_accuracy, evaluate; CLI: main, compare
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
@@ -169,6 +172,7 @@ def log(msg: str) -> None:
 
 
 # ============================================================================ calibration statistics (hooks)
+# DEVIATION: running fp32 sums from hooks; the authors deep-copy activation tensors inside the forward pass.
 class ChannelActivity:
     """Running fp32 sums of |input| of one layer's mlp.down_proj and self_attn.o_proj (SPEC §3).
 
@@ -503,6 +507,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         t0 = time.perf_counter()
         layers = decoder_layers(model)
         # Alg.1 step 3: statistics on the CURRENT model; only layers from the last merge on have changed
+        # DEVIATION: incremental recomputation from cached hidden states; the authors rerun the full pass each step.
         activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
         bi = block_influence(cache.states)
         span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
@@ -1151,6 +1156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def span_for(method: str, span: int | None) -> int:
     """--span, or the method's default: LaCo collapses 4 layers at a time (its paper's C), the others merge 2."""
+    # INTERPRETATION: LaCo's own C = 4 by default; with 2 its RDSC formula reduces to keeping the upper layer.
     return span if span is not None else 4 if method == "laco" else 2
 
 
