@@ -516,13 +516,14 @@ def test_reverse_drops_the_last_layers():
 def test_compare_writes_table_plot_and_reuses_come_windows(tiny_folder, calib_txt, tmp_path, capsys):
     report = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--eval-ppl", calib_txt,
                  "--compare", "come,come-fold,shortgpt,sleb,laco,weightsum,reverse", "--sparsities", "0.15,0.3",
-                 "--save", tmp_path / "cmp")
+                 "--tasks", "come_mc", "--task-path", TINY / "tasks", "--limit", 4, "--save", tmp_path / "cmp")
     assert {f.name for f in (tmp_path / "cmp").iterdir()} == {"compare.md", "compare.json", "compare.png"}
     cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
     assert len(cells) == 14 and {r["layers"] for r in report["rows"]} == {6, 5}
     assert all(r["ppl"][str(calib_txt)]["ppl"] > 1 for r in report["rows"])
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| laco |" in md and "s=0.3 (5 layers)" in md and "pruning wall time" in md
+    assert "| laco |" in md and "s=0.3 (5 layers)" in md and "pruning wall time" in md and "average accuracy" in md
+    assert all(0 <= r["tasks"]["average"] <= 1 for r in report["rows"])
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
