@@ -1283,10 +1283,12 @@ def run(args) -> dict:
         print(f"step {step_no:2d}: {describe_step(step)}")
     if pruned:
         print(results_table(dense, pruned))
-    ppl = "  ".join(f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
-                    for s, r in (pruned or {"ppl": {}})["ppl"].items())
-    print(f"{method}: {L} -> {summary['layers_after']} layers, sparsity {summary['sparsity']:.3f}, {ppl}  "
-          f"pruning {prune_seconds:.1f}s, peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB, saved to {save}")
+    parts = [f"{method}: {L} -> {summary['layers_after']} layers", f"sparsity {summary['sparsity']:.3f}"]
+    parts += [f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
+              for s, r in (pruned or {"ppl": {}})["ppl"].items()]
+    parts += [f"pruning {prune_seconds:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB",
+              f"saved to {save}"]
+    print(", ".join(parts))
     return {**plan, "results": results}
 
 
