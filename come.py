@@ -613,7 +613,9 @@ def rdsc_merge(sources: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 
 def _drop(model, tree: list[list[int]], index: int, **info) -> dict:
     keep_layers(model, [i for i in range(len(tree)) if i != index])
-    return {"op": "drop", "layer": index, "original": tree.pop(index), **info}
+    step = {"op": "drop", "layer": index, "original": tree.pop(index), **info}
+    log(f"dropped layer {index} (original {step['original']}) -> {len(tree)} layers")
+    return step
 
 
 def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
@@ -690,6 +692,7 @@ def laco_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
         replay_step(model, steps[-1])
         cache.after_merge(start, span)
         join_window(tree, start, span)
+        log(f"LaCo: collapsed original layers {steps[-1]['spans']} (similarity {sim:.3f}) -> {len(tree)} layers")
         pointer = start - LACO_INTERVAL
         _notify(on_depth, model, t0)
         if len(tree) > target_layers:
