@@ -1213,8 +1213,8 @@ def run(args) -> dict:
         log(f"using the paper's preset for {args.model}: {preset}")
     else:
         preset = {}
-    cfg = ComeConfig(method=args.method, span=span_for(args.method, args.span), allow_remerge=args.allow_remerge, sbi_tokens=args.sbi_tokens,
-                     skip_score=args.skip_score, p=args.p if args.p is not None else preset.get("p", 1.0),
+    cfg = ComeConfig(method=args.method, span=span_for(args.method, args.span), allow_remerge=args.allow_remerge,
+                     sbi_tokens=args.sbi_tokens, skip_score=args.skip_score, p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms)
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
@@ -1244,15 +1244,16 @@ def run(args) -> dict:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(dense, indent=1))
 
+    cache_dev = "cpu" if plan_in or not args.device.startswith("cuda") or not _cache_fits(model, calib_ids, L) \
+        else args.device
     if args.compare:
-        return compare(args, cfg, model, tokenizer, calib_ids, settings, ppl_ids, dense, save)
+        return compare(args, cfg, model, tokenizer, calib_ids, settings, ppl_ids, dense, save, cache_dev)
     t0 = time.perf_counter()
     if plan_in:
         apply_plan(model, plan_in)
         merge = plan_in["merge"]
     else:
         target = args.target_layers or L - layers_to_remove(model, args.sparsity or 0.3)
-        cache_dev = args.device if args.device.startswith("cuda") and _cache_fits(model, calib_ids, L) else "cpu"
         merge = PRUNERS[method](model, calib_ids, target, cfg, cache_device=cache_dev)
     prune_seconds = time.perf_counter() - t0
     prune_rss = peak_rss_gib()
@@ -1296,7 +1297,7 @@ def run(args) -> dict:
 
 
 def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSettings, ppl_ids, dense,
-            save: str) -> dict:
+            save: str, cache_device: str = "cpu") -> dict:
     """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
 
     Every method here is progressive, so one run to the deepest target passes through the shallower ones: each
@@ -1322,7 +1323,7 @@ def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSet
                 spent[0] += time.perf_counter() - t0
         extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
         log(f"compare: {name}")
-        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, on_depth=on_depth,
+        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, cache_device, on_depth=on_depth,
                                stops=tuple(targets.values()), **extra)
         if name == "come":
             come_plan = plan
