@@ -127,6 +127,11 @@ def decoder_layers(model) -> nn.ModuleList:
 PER_LAYER_FIELDS = ("layer_types",)      # config lists with one entry per decoder layer (plus max_window_layers)
 
 
+def count_params(module: nn.Module) -> int:
+    """Parameters of a module; a tied embedding / LM head is one Parameter and is counted once."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def layer_type(config, index: int) -> str:
     types = getattr(config, "layer_types", None)
     return types[index] if types else "full_attention"
@@ -481,9 +486,8 @@ def _notify(on_depth, model, t0: float) -> None:
 
 def layers_to_remove(model, sparsity: float) -> int:
     """Layers removed for a parameter sparsity: round(s * total / per_layer), clipped to [1, L-1] (SPEC §10)."""
-    total = sum(p.numel() for p in model.parameters())   # tied embeddings are one Parameter, counted once
-    layers = decoder_layers(model)
-    per_layer = sum(p.numel() for p in layers[0].parameters())
+    total, layers = count_params(model), decoder_layers(model)
+    per_layer = count_params(layers[0])
     return min(max(round(sparsity * total / per_layer), 1), len(layers) - 1)
 
 
@@ -1020,7 +1024,7 @@ def load_model(name: str, device: str, dtype: torch.dtype):
     if device.startswith("cuda"):
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * dtype.itemsize
+            size = count_params(AutoModelForCausalLM.from_config(config)) * dtype.itemsize
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         kwargs["device_map"] = "auto" if size > 0.8 * free else device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -1229,11 +1233,11 @@ def run(args) -> dict:
                             limit=args.limit, batch_size=args.batch_size)
 
     model, tokenizer = load_model(args.model, args.device, dtype)
-    log(f"model: {args.model} ({config.model_type}, {L} layers, {sum(p.numel() for p in model.parameters()):,} "
+    log(f"model: {args.model} ({config.model_type}, {L} layers, {count_params(model):,} "
         f"parameters, {dtype}) on {args.device}")
     ppl_ids = {src: eval_tokens(src, tokenizer, args.seqlen) for src in settings.ppl}
     calib_ids = None if plan_in else calibration_windows(calib, tokenizer, args.nsamples, args.seqlen, args.seed)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = count_params(model)
     fp = fingerprint(model)
     dense = None
     if args.eval_dense and (settings.ppl or settings.tasks):
@@ -1261,7 +1265,7 @@ def run(args) -> dict:
     prune_rss = peak_rss_gib()
     pruned = evaluate(model, tokenizer, settings, ppl_ids, "pruned") if settings.ppl or settings.tasks else None
 
-    params_after = sum(p.numel() for p in model.parameters())
+    params_after = count_params(model)
     summary = {"method": method, "layers_before": L, "layers_after": len(decoder_layers(model)),
                "sparsity": 1 - params_after / params_before, "params_before": params_before,
                "params_after": params_after, "prune_seconds": round(prune_seconds, 2),
@@ -1307,7 +1311,7 @@ def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSet
     """
     names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
     sparsities = [float(x) for x in args.sparsities.split(",")]
-    L, params = len(decoder_layers(base)), sum(p.numel() for p in base.parameters())
+    L, params = len(decoder_layers(base)), count_params(base)
     targets = {s: L - layers_to_remove(base, s) for s in sparsities}
     rows, come_plan = [], None
     for name in names:
@@ -1322,7 +1326,7 @@ def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSet
                 res = evaluate(m, tokenizer, settings, ppl_ids, f"{name} s={s}")
                 rows.append({"method": name, "sparsity": s, "layers": depth,
                              "prune_seconds": round(seconds - spent[0], 2),
-                             "achieved_sparsity": 1 - sum(p.numel() for p in m.parameters()) / params, **res})
+                             "achieved_sparsity": 1 - count_params(m) / params, **res})
                 spent[0] += time.perf_counter() - t0
         extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
         log(f"compare: {name}")
