@@ -148,14 +148,14 @@ def kv_rows(groups: torch.Tensor, shape: AttnShape) -> torch.Tensor:
     return (groups[:, None] * shape.head_dim + torch.arange(shape.head_dim)).reshape(-1)
 
 
-def _move(obj, device):
-    """Move tensors inside nested tuples/lists/dicts to `device`."""
+def _move(obj, device, dtype: torch.dtype | None = None):
+    """Move tensors inside nested tuples/lists/dicts to `device` (floating ones also to `dtype` when given)."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(x, device) for x in obj)
+        return type(obj)(_move(x, device, dtype) for x in obj)
     if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
+        return {k: _move(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -169,11 +169,13 @@ def _progress(iterable, desc: str, total: int | None = None):
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+    quiet = None if os.environ.get("RANK", "0") == "0" else True
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=quiet, dynamic_ncols=True)
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":      # under torchrun only rank 0 talks
+        print(msg, file=sys.stderr, flush=True)
 
 
 # ============================================================================ calibration statistics (hooks)
@@ -227,6 +229,33 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+def layer_inputs(model, ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict]:
+    """(h_0 of all windows, what the model passes to a decoder layer of each attention type for `batch` windows).
+
+    The kwargs (rotary embeddings, mask) are captured from the model's own forward, so they are exact for every family.
+    """
+    layers = decoder_layers(model)
+    catchers = nn.ModuleList(_Catcher() for _ in layers)
+    model.model.layers = catchers
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch):
+                model.model(input_ids=ids[i:i + batch].to(model.get_input_embeddings().weight.device),
+                            use_cache=False)
+    finally:
+        model.model.layers = layers
+    kwargs = {}
+    for i, c in enumerate(catchers):
+        kwargs.setdefault(layer_type(model.config, i), c.kwargs)
+    return torch.cat(catchers[0].inputs), kwargs
+
+
+def call_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on x, with x and the layer kwargs moved to the layer's device and dtype."""
+    p = next(layer.parameters())
+    return layer(x.to(p.device, p.dtype), **_move(kwargs, p.device, p.dtype))
+
+
 class HiddenStates:
     """Hidden states at every layer boundary for a fixed set of token windows (SPEC §7 cache).
 
@@ -238,25 +267,12 @@ class HiddenStates:
     def __init__(self, model, ids: torch.Tensor, cache_device: torch.device | str = "cpu"):
         self.model, self.ids = model, ids
         self.cache_device = torch.device(cache_device)
-        layers = decoder_layers(model)
-        catchers = nn.ModuleList(_Catcher() for _ in layers)
-        model.model.layers = catchers
-        try:
-            with torch.inference_mode():
-                for i in range(ids.shape[0]):
-                    model.model(input_ids=ids[i:i + 1].to(model.get_input_embeddings().weight.device),
-                                use_cache=False)
-        finally:
-            model.model.layers = layers
-        self.kwargs = {}
-        for i, c in enumerate(catchers):
-            self.kwargs.setdefault(layer_type(model.config, i), c.kwargs)
-        h0 = torch.cat(catchers[0].inputs).to(self.cache_device)
-        self.states = [h0] + [torch.empty_like(h0) for _ in layers]
+        h0, self.kwargs = layer_inputs(model, ids, batch=1)
+        self.states = [h0.to(self.cache_device)] + [torch.empty_like(h0, device=self.cache_device)
+                                                    for _ in decoder_layers(model)]
 
     def run_layer(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
-        dev = _device_of(layer)
-        return layer(x.to(dev), **_move(self.kwargs[layer_type(self.model.config, index)], dev))
+        return call_layer(layer, x, self.kwargs[layer_type(self.model.config, index)])
 
     def refresh(self, start: int, desc: str = "statistics") -> list[ChannelActivity]:
         """Recompute h_{start+1} .. h_L layer by layer and capture each layer's channel activity."""
@@ -599,6 +615,194 @@ def apply_plan(model, plan: dict) -> None:
         replay_step(model, step, plan["config"]["fold_norms"])
 
 
+# ============================================================================ post-training (Algorithms 3, 4)
+# CoMe-mp learning rates of the merged layers, shallow to deep [PAPER]; LLaMA-2-7b's list for the other families.
+MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
+          "qwen3": [5e-4, 2.5e-4, 5e-5, 2.5e-5, 1e-5, 7.5e-6]}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Post-training by hierarchical distillation from the frozen original model (SPEC §9)."""
+    mode: str = "mp"                     # "sp" (Algorithm 3) or "mp" (Algorithm 4)
+    epochs: int = 1
+    batch_size: int = 1                  # token windows per optimizer step
+    lr: float = 1e-5                     # sp: one learning rate for every trained layer [PAPER]
+    mp_lrs: list[float] | None = None    # mp: shallow-to-deep list; None -> MP_LRS of the family
+    loss: str = "kl"                     # "kl" on next-token distributions or "mse" on hidden states
+    train_all: bool = False              # sp: train every decoder layer, not only the merged ones
+    weight_decay: float = 1e-2           # AdamW [PAPER]
+    kl_chunk: int = 256                  # tokens per KL chunk: memory ~ chunk x vocabulary
+    loss_windows: int = 4                # first training windows on which the loss per layer is reported
+    seed: int = 0                        # window order of every epoch
+
+
+def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, int]]:
+    """(a_j, b_j): the contiguous original layers behind student layer j, from the merge tree."""
+    if [i for span in tree for i in span] != list(range(n_original)):
+        raise ComeError("post-training needs a merge tree whose layers cover every original layer in order "
+                        "(come, come-p, laco, weightsum); a method that drops layers leaves no teacher target")
+    return [(span[0], span[-1]) for span in tree]
+
+
+def mp_learning_rates(n: int, schedule: list[float]) -> list[float]:
+    """Learning rates of n merged layers, shallow to deep: `schedule` interpolated in log space over depth rank."""
+    # INTERPRETATION: rank i sits at position i (len-1)/(n-1) of the list, geometric between neighbours; n = 1 -> first.
+    if n == len(schedule) or len(schedule) == 1:
+        return [schedule[min(i, len(schedule) - 1)] for i in range(n)]
+    out = []
+    for i in range(n):
+        x = i * (len(schedule) - 1) / max(n - 1, 1)
+        k = int(x)
+        if x == k:
+            out.append(schedule[k])
+            continue
+        a, b = schedule[k], schedule[k + 1]
+        out.append(min(max(a * (b / a) ** (x - k), min(a, b)), max(a, b)))
+    return out
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, norm: nn.Module, head: nn.Module, kind: str,
+                 chunk: int = 256) -> tuple[float, torch.Tensor | None]:
+    """Distillation loss of one student layer output against the teacher's state, and its gradient w.r.t. `student`.
+
+    kl: KL(p_T || p_S) of softmax(head(norm(h))), mean over tokens, temperature 1, through the frozen final norm and
+    LM head; forward and backward run chunk by chunk, so memory is bounded by chunk x vocabulary. mse: mean squared
+    error of the hidden states. Under torch.no_grad the gradient is None.
+    """
+    need_grad = torch.is_grad_enabled()
+    leaf = student.detach().float().requires_grad_(need_grad)
+    target = teacher.detach().to(leaf.device)
+    w = head.weight
+    if kind == "mse":
+        loss = F.mse_loss(leaf, target.float())
+        if need_grad:
+            loss.backward()
+        return loss.item(), leaf.grad.to(student.dtype) if need_grad else None
+    n, total = leaf.numel() // leaf.shape[-1], 0.0
+    for s in range(0, n, chunk):
+        with torch.no_grad():
+            log_t = F.log_softmax(head(norm(target.reshape(n, -1)[s:s + chunk].to(w.device, w.dtype))).float(), -1)
+        log_s = F.log_softmax(head(norm(leaf.reshape(n, -1)[s:s + chunk].to(w.device, w.dtype))).float(), -1)
+        kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / n
+        if need_grad:
+            kl.backward()
+        total += kl.item()
+    return total, leaf.grad.to(student.dtype) if need_grad else None
+
+
+def teacher_states(teacher, ids: torch.Tensor, boundaries: set[int]) -> tuple[dict[int, torch.Tensor], dict]:
+    """The teacher's hidden states H^(k) at the given boundaries for one batch of windows, and the layer kwargs."""
+    h, kwargs = layer_inputs(teacher, ids, batch=ids.shape[0])
+    out, layers = {0: h}, decoder_layers(teacher)
+    with torch.no_grad():
+        for l in range(max(boundaries)):
+            h = call_layer(layers[l], h, kwargs[layer_type(teacher.config, l)])
+            if l + 1 in boundaries:
+                out[l + 1] = h
+    return {k: v for k, v in out.items() if k in boundaries or k == 0}, kwargs
+
+
+def student_outputs(student, states: dict, kwargs: dict, spans, js: list[int], mode: str) -> dict[int, torch.Tensor]:
+    """Outputs of student layers `js`: teacher-forced on H^(a_j) (mp), or end to end on the student's own states (sp)."""
+    layers, config = decoder_layers(student), student.config
+    if mode == "mp":    # Alg.4 step 3: input = the teacher's state entering the original span
+        return {j: call_layer(layers[j], states[spans[j][0]], kwargs[layer_type(config, j)]) for j in js}
+    h, outs = states[0], {}     # Alg.3 step 3: the student runs on its own hidden states
+    for j in range(max(js) + 1):
+        h = call_layer(layers[j], h, kwargs[layer_type(config, j)])
+        if j in js:
+            outs[j] = h
+    return outs
+
+
+def distill_step(student, teacher, states, kwargs, spans, js, tc: TrainConfig) -> dict[int, float]:
+    """Loss of each layer in `js` against H^(b_j+1); with gradients enabled, back-propagates their sum."""
+    outs = student_outputs(student, states, kwargs, spans, js, tc.mode)
+    norm, head = teacher.model.norm, teacher.get_output_embeddings()
+    losses = {j: distill_loss(outs[j], states[spans[j][1] + 1], norm, head, tc.loss, tc.kl_chunk) for j in js}
+    if torch.is_grad_enabled():
+        torch.autograd.backward([outs[j] for j in js], [losses[j][1] for j in js])
+    return {j: v for j, (v, _) in losses.items()}
+
+
+def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: TrainConfig,
+               rank: int = 0, world: int = 1) -> dict:
+    """Algorithm 3 (CoMe-sp, tc.mode "sp") and Algorithm 4 (CoMe-mp, tc.mode "mp"): hierarchical distillation.
+
+    Trains the merged layers of the pruned `student` in place so that each matches the frozen `teacher` (the original
+    model) at the boundary leaving its original span. Teacher states are produced batch by batch from `ids`. Under
+    torch.distributed (mp only) rank r trains merged layers r, r + world, ... and every rank receives every layer.
+    """
+    spans = original_spans(tree, len(decoder_layers(teacher)))
+    layers = decoder_layers(student)
+    # Alg.3/4 step 1: the layers to train: the merged ones (or every layer with --train-all)
+    trained = [j for j, (a, b) in enumerate(spans) if b > a or tc.train_all]
+    if not trained:
+        raise ComeError("the pruned model has no merged layer to post-train")
+    if tc.mode == "mp":     # Alg.4 step 2: one learning rate per merged layer, decaying with depth
+        lrs = mp_learning_rates(len(trained), tc.mp_lrs or MP_LRS.get(student.config.model_type, MP_LRS["llama"]))
+    else:
+        lrs = [tc.lr] * len(trained)
+    lr_of = dict(zip(trained, lrs))
+    mine = trained[rank::world] if tc.mode == "mp" else trained
+    teacher.requires_grad_(False)
+    student.requires_grad_(False)
+    dtype = next(student.parameters()).dtype
+    groups = [[j] for j in mine] if tc.mode == "mp" else [mine]     # sp: one optimizer, summed loss
+    boundaries = {spans[j][1] + 1 for j in mine} | ({spans[j][0] for j in mine} if tc.mode == "mp" else {0})
+    n_steps = tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
+    optims = []
+    for js in groups:
+        # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
+        params = [p for j in js for p in layers[j].float().requires_grad_(True).parameters()]
+        opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
+        optims.append((js, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)))
+
+    def losses_now() -> dict[int, float]:
+        sums, batches = {j: 0.0 for j in mine}, ids[:tc.loss_windows].split(tc.batch_size)
+        with torch.no_grad():
+            for batch in batches:
+                states, kwargs = teacher_states(teacher, batch, boundaries)
+                for j, v in distill_step(student, teacher, states, kwargs, spans, mine, tc).items():
+                    sums[j] += v / len(batches)
+        return sums
+
+    t0, before = time.perf_counter(), losses_now()
+    for epoch in range(tc.epochs):
+        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(tc.seed + epoch))
+        bar = _progress(order.split(tc.batch_size), f"CoMe-{tc.mode} epoch {epoch + 1}/{tc.epochs}")
+        for batch in bar:
+            # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
+            states, kwargs = teacher_states(teacher, ids[batch], boundaries)
+            step_loss = 0.0
+            for js, opt, sched in optims:
+                # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
+                step_loss += sum(distill_step(student, teacher, states, kwargs, spans, js, tc).values())
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+    after = losses_now()
+    seconds = time.perf_counter() - t0
+    for j in mine:
+        layers[j].to(dtype)
+    student.requires_grad_(True)
+    rows = [{"layer": j, "original_span": list(spans[j]), "lr": lr_of[j], "rank": rank, "loss_before": before[j],
+             "loss_after": after[j]} for j in mine]
+    if world > 1:   # every rank gets every trained layer and every loss row
+        for i, j in enumerate(trained):
+            for t in layers[j].state_dict().values():
+                torch.distributed.broadcast(t, src=i % world)
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["layer"])
+    return {"mode": tc.mode, "settings": dataclasses.asdict(tc), "world_size": world, "steps": n_steps,
+            "windows": ids.shape[0], "tokens": ids.numel(), "seconds": round(seconds, 2), "layers": rows,
+            "loss_on": f"the first {min(tc.loss_windows, ids.shape[0])} training windows"}
+
+
 # ============================================================================ baselines (SPEC §13)
 def weighted_sum_merge(sources: list[dict[str, torch.Tensor]], ratios: list[float]) -> dict[str, torch.Tensor]:
     """theta' = sum_i r_i theta_i for every parameter (the paper's WeightSum ablation, MKA-style)."""
@@ -784,7 +988,8 @@ def text_rows(source: str, split: str) -> list[str]:
     return [path.read_text(encoding="utf-8")]
 
 
-def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        what: str = "calibration") -> torch.Tensor:
     """Calibration token windows, shape (n, seqlen) [CODE semantics for row sources, SPEC §11].
 
     Rows are shuffled with the seed, the first `nsamples` joined with "\\n\\n", tokenized once and cut into
@@ -798,11 +1003,11 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
         rows = rows[:nsamples]
     ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
     if ids.numel() < 16:
-        raise ComeError(f"calibration text from '{source}' has only {ids.numel()} tokens; at least 16 are needed "
+        raise ComeError(f"{what} text from '{source}' has only {ids.numel()} tokens; at least 16 are needed "
                         "(use more --nsamples or a longer file)")
     n = ids.numel() // seqlen
     windows = ids[:n * seqlen].view(n, seqlen) if n > 0 else ids[None, :]
-    log(f"calibration: {source}, {len(rows)} rows, {ids.numel()} tokens -> {windows.shape[0]} windows of "
+    log(f"{what}: {source}, {len(rows)} rows, {ids.numel()} tokens -> {windows.shape[0]} windows of "
         f"{windows.shape[1]} tokens")
     return windows
 
@@ -936,24 +1141,26 @@ def dense_cache_file(fp: dict, dtype: torch.dtype, settings: EvalSettings) -> Pa
     return cache_root() / "dense-eval" / f"{digest}.json"
 
 
-def results_table(dense: dict | None, pruned: dict) -> str:
-    """before / after / retention, one row per metric."""
-    rows = [("metric", "dense", "pruned", "retention")]
+def _metrics(res: dict | None) -> dict[str, float | None]:
+    """PPL per source and accuracy per task/metric of one evaluation, flattened for tables."""
+    out = {f"PPL {src}": r["ppl"] for src, r in (res or {}).get("ppl", {}).items()}
+    for name, t in ((res or {}).get("tasks") or {"tasks": {}})["tasks"].items():
+        out.update({f"{name} {m}": t[m] for m in ("acc", "acc_norm") if t[m] is not None})
+    if (res or {}).get("tasks"):
+        out["average (acc_norm|acc)"] = res["tasks"]["average"]
+    return out
+
+
+def results_table(dense: dict | None, pruned: dict, trained: dict | None = None) -> str:
+    """dense / pruned (/ post-trained) / retention of the last column, one row per metric."""
+    cols = [_metrics(dense), _metrics(pruned)] + ([_metrics(trained)] if trained else [])
+    rows = [("metric", "dense", "pruned") + (("post-trained",) if trained else ()) + ("retention",)]
     fmt = lambda x: "-" if x is None else f"{x:.4g}"   # noqa: E731
-    for src, r in pruned["ppl"].items():
-        d = dense["ppl"][src]["ppl"] if dense else None
-        rows.append((f"PPL {src}", fmt(d), fmt(r["ppl"]), f"x{r['ppl'] / d:.2f} PPL" if d else "-"))
-    if pruned["tasks"]:
-        for name, t in pruned["tasks"]["tasks"].items():
-            for metric in ("acc", "acc_norm"):
-                if t[metric] is None:
-                    continue
-                d = dense["tasks"]["tasks"][name][metric] if dense else None
-                rows.append((f"{name} {metric}", fmt(d), fmt(t[metric]), f"{t[metric] / d:.1%}" if d else "-"))
-        d = dense["tasks"]["average"] if dense else None
-        a = pruned["tasks"]["average"]
-        rows.append(("average (acc_norm|acc)", fmt(d), fmt(a), f"{a / d:.1%}" if d else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for key, last in cols[-1].items():
+        d = cols[0].get(key)
+        keep = "-" if not d else f"x{last / d:.2f} PPL" if key.startswith("PPL") else f"{last / d:.1%}"
+        rows.append((key, *(fmt(c.get(key)) for c in cols), keep))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
@@ -1150,13 +1357,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                "hellaswag openbookqa piqa winogrande (0-shot) mmlu (5-shot)")
     ap.add_argument("--task-path", help="folder of local lm-eval task YAMLs")
     ap.add_argument("--limit", type=float, help="lm-eval: examples per task (int) or fraction (< 1)")
-    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval and post-training batch size (default 1)")
     ap.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate the dense model with the same settings (cached) to report retention")
     ap.add_argument("--compare", help="comma-separated methods to run side by side (come-fold = come --fold-norms); "
                                       "writes compare.md / compare.json / compare.png to --save")
     ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="sparsities for --compare (default 0.1,0.2,0.3)")
     ap.add_argument("--results", help="results file (default: results.json in the --save folder)")
+    ap.add_argument("--post-train", choices=("none", "sp", "mp"), default="none",
+                    help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able)")
+    ap.add_argument("--train-data", help="training text, same choices as --calib (default: the calibration source)")
+    ap.add_argument("--train-samples", type=int, default=256, help="training rows (default 256)")
+    ap.add_argument("--epochs", type=int, default=1, help="post-training epochs (default 1)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="sp learning rate (default 1e-5)")
+    ap.add_argument("--mp-lrs", help="mp learning rates, shallow to deep, comma-separated (default: the paper's "
+                                     "schedule, interpolated to the number of merged layers)")
+    ap.add_argument("--distill-loss", choices=("kl", "mse"), default="kl", help="kl (default) or mse")
+    ap.add_argument("--train-all", action="store_true", help="sp: train every decoder layer, not only merged ones")
     return ap
 
 
@@ -1184,8 +1401,38 @@ def validate(args, ap) -> None:
         ap.error("--method come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
     if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
+    if args.post_train != "none":
+        if args.compare or args.method in ("shortgpt", "sleb", "reverse"):
+            ap.error("--post-train needs a merge tree: --method come, come-p, laco or weightsum, and no --compare")
+        if args.epochs < 1 or args.train_samples < 1 or args.lr <= 0 or args.batch_size < 1:
+            ap.error("--epochs, --train-samples, --lr and --batch-size must be positive")
+        if args.train_all and args.post_train == "mp":
+            ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
+        try:
+            assert all(x > 0 for x in mp_lr_list(args.mp_lrs) or [1])
+        except (ValueError, AssertionError):
+            ap.error(f"--mp-lrs takes positive numbers separated by commas, got {args.mp_lrs}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
+        ap.error("torchrun runs several processes only for --post-train mp")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+
+
+def mp_lr_list(text: str | None) -> list[float] | None:
+    return [float(x) for x in text.split(",")] if text else None
+
+
+def distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device of this rank) under torchrun; (0, 1, device) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not torch.distributed.is_initialized():
+        import datetime
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
+    local = os.environ.get("LOCAL_RANK", "0")
+    return torch.distributed.get_rank(), world, f"cuda:{local}" if device == "cuda" else device
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1201,6 +1448,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args) -> dict:
     t_start = time.perf_counter()
+    rank, world, args.device = distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
     plan_in = read_plan(args.apply_plan) if args.apply_plan else None
     if plan_in and (args.sparsity is not None or args.target_layers is not None):
         raise ComeError("--apply-plan fixes the depth; do not combine it with --sparsity/--target-layers")
@@ -1209,6 +1457,8 @@ def run(args) -> dict:
     if args.target_layers is not None and not 1 <= args.target_layers < L:
         raise ComeError(f"--target-layers must be in [1, {L - 1}] for a model with {L} layers")
     method = plan_in["config"]["method"] if plan_in else "compare" if args.compare else args.method
+    if args.post_train != "none" and method in ("shortgpt", "sleb", "reverse"):
+        raise ComeError(f"--post-train needs a merge tree; '{method}' drops layers, so no teacher state matches them")
     save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
     check_save_dir(save, args.overwrite)
     if args.task_path and not Path(args.task_path).is_dir():
@@ -1240,7 +1490,7 @@ def run(args) -> dict:
     params_before = count_params(model)
     fp = fingerprint(model)
     dense = None
-    if args.eval_dense and (settings.ppl or settings.tasks):
+    if rank == 0 and args.eval_dense and (settings.ppl or settings.tasks):
         cached = dense_cache_file(fp, dtype, settings)
         if cached.is_file():
             dense = json.loads(cached.read_text())
@@ -1263,7 +1513,27 @@ def run(args) -> dict:
         merge = PRUNERS[method](model, calib_ids, target, cfg, cache_device=cache_dev)
     prune_seconds = time.perf_counter() - t0
     prune_rss = peak_rss_gib()
-    pruned = evaluate(model, tokenizer, settings, ppl_ids, "pruned") if settings.ppl or settings.tasks else None
+    do_eval = rank == 0 and bool(settings.ppl or settings.tasks)
+    pruned = evaluate(model, tokenizer, settings, ppl_ids, "pruned") if do_eval else None
+    post = trained = None
+    if args.post_train != "none":
+        source = args.train_data or calib
+        train_ids = calibration_windows(source, tokenizer, args.train_samples, args.seqlen, args.seed, "training")
+        teacher, _ = load_model(args.model, args.device, dtype)     # the frozen original model
+        tc = TrainConfig(mode=args.post_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         mp_lrs=mp_lr_list(args.mp_lrs), loss=args.distill_loss, train_all=args.train_all,
+                         seed=args.seed)
+        post = {"source": source, **post_train(model, teacher, merge["tree"], train_ids, tc, rank, world),
+                "peak_rss_gib": round(peak_rss_gib(), 3)}
+        del teacher
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        if rank != 0:
+            return post
+        for r in post["layers"]:
+            log(f"post-train {args.post_train}: layer {r['layer']} (original {r['original_span']}) lr {r['lr']:.2e} "
+                f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
+        trained = evaluate(model, tokenizer, settings, ppl_ids, "post-trained") if do_eval else None
 
     params_after = count_params(model)
     summary = {"method": method, "layers_before": L, "layers_after": len(decoder_layers(model)),
@@ -1271,19 +1541,22 @@ def run(args) -> dict:
                "params_after": params_after, "prune_seconds": round(prune_seconds, 2),
                "peak_rss_gib_after_pruning": round(prune_rss, 3), "peak_rss_gib": round(peak_rss_gib(), 3),
                "total_seconds": round(time.perf_counter() - t_start, 2)}
+    if post:
+        summary.update(post_train=args.post_train, post_train_seconds=post["seconds"])
     if torch.cuda.is_available():
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     ver = versions()
     if settings.tasks:
         ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
     results = {"model": args.model, "dtype": str(dtype), "device": args.device, "settings": dataclasses.asdict(settings),
-               "dense": dense, "pruned": pruned, "summary": summary, "versions": ver}
+               "dense": dense, "pruned": pruned, "post_trained": trained, "summary": summary, "versions": ver}
     plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": fp, "args": vars(args),
             "config": plan_in["config"] if plan_in else dataclasses.asdict(cfg), "versions": ver, "seed": args.seed,
             "calibration": plan_in["calibration"] if plan_in else {
                 "source": calib, "tokens": calib_ids.numel(), "windows": calib_ids.shape[0],
                 "seqlen": calib_ids.shape[1]},
-            "merge": merge, "summary": summary, "evaluation": {"dense": dense, "pruned": pruned}}
+            "merge": merge, "post_training": post, "summary": summary,
+            "evaluation": {"dense": dense, "pruned": pruned, "post_trained": trained}}
     save_pruned(model, tokenizer, plan, save, args.overwrite, extra={"results.json": results})
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
@@ -1292,10 +1565,13 @@ def run(args) -> dict:
     for step_no, step in enumerate(merge["steps"], 1):
         print(f"step {step_no:2d}: {describe_step(step)}")
     if pruned:
-        print(results_table(dense, pruned))
+        print(results_table(dense, pruned, trained))
     parts = [f"{method}: {L} -> {summary['layers_after']} layers", f"sparsity {summary['sparsity']:.3f}"]
     parts += [f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
+              + (f" -> {trained['ppl'][s]['ppl']:.2f} ({args.post_train})" if trained else "")
               for s, r in (pruned or {"ppl": {}})["ppl"].items()]
+    if post:
+        parts.append(f"post-training {post['seconds']:.1f}s")
     parts += [f"pruning {prune_seconds:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB",
               f"saved to {save}"]
     print(", ".join(parts))

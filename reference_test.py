@@ -527,6 +527,204 @@ def test_compare_writes_table_plot_and_reuses_come_windows(tiny_folder, calib_tx
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+# ============================================================================ post-training (Algorithms 3, 4)
+def naive_kl(h_student, h_teacher, model):
+    """KL(p_T || p_S) over the whole vocabulary at once, mean over tokens."""
+    log_s = torch.log_softmax(model.lm_head(model.model.norm(h_student)), -1)
+    log_t = torch.log_softmax(model.lm_head(model.model.norm(h_teacher)), -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+def pruned_pair(family="llama-gqa", target=4, **cfg):
+    teacher = make_tiny(family)
+    student = copy.deepcopy(teacher)
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(4))
+    tree = come.come_prune(student, ids[:3], target, come.ComeConfig(**cfg))["tree"]
+    return teacher.requires_grad_(False), student, tree, ids
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_kl_equals_unchunked_kl_value_and_gradient(chunk):
+    model = make_tiny("qwen3").requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    d = model.config.hidden_size
+    hs, ht = torch.randn(2, 19, d, generator=gen).requires_grad_(), torch.randn(2, 19, d, generator=gen)
+    want = naive_kl(hs, ht, model)
+    want.backward()
+    value, grad = come.distill_loss(hs, ht, model.model.norm, model.lm_head, "kl", chunk)
+    assert value == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(grad, hs.grad, rtol=1e-4, atol=1e-7)
+    mse, mse_grad = come.distill_loss(hs, ht, model.model.norm, model.lm_head, "mse", chunk)
+    assert mse == pytest.approx(((hs - ht) ** 2).mean().item(), rel=1e-6)
+    torch.testing.assert_close(mse_grad, 2 * (hs - ht).detach() / hs.numel())
+    with torch.no_grad():
+        assert come.distill_loss(hs, ht, model.model.norm, model.lm_head, "kl", chunk) == (pytest.approx(value), None)
+
+
+def test_mp_learning_rates_paper_values():
+    paper = come.MP_LRS["llama"]
+    assert come.mp_learning_rates(7, paper) == paper
+    assert come.mp_learning_rates(4, paper) == [5e-4, 1e-4, 5e-5, 1e-5]          # positions 0, 2, 4, 6
+    assert come.mp_learning_rates(5, paper) == pytest.approx(                      # positions 0, 1.5, 3, 4.5, 6
+        [5e-4, math.sqrt(2.5e-4 * 1e-4), 7.5e-5, math.sqrt(5e-5 * 2.5e-5), 1e-5], rel=1e-12)
+    assert come.mp_learning_rates(1, paper) == [5e-4]
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedule=st.lists(st.floats(1e-7, 1e-2), min_size=1, max_size=9).map(lambda v: sorted(v, reverse=True)),
+       n=st.integers(1, 40))
+def test_mp_learning_rates_monotone_with_endpoints(schedule, n):
+    lrs = come.mp_learning_rates(n, schedule)
+    assert len(lrs) == n and lrs[0] == schedule[0]
+    assert n == 1 or lrs[-1] == schedule[-1]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(schedule[-1] <= x <= schedule[0] for x in lrs)
+
+
+def test_original_spans_from_tree_including_remerged_layers():
+    assert come.original_spans([[0], [1, 2, 3, 4], [5, 6]], 7) == [(0, 0), (1, 4), (5, 6)]
+    _, _, tree, _ = pruned_pair(target=2, allow_remerge=True)       # 7 -> 2 layers must re-merge
+    spans = come.original_spans(tree, 7)
+    assert max(b - a for a, b in spans) >= 3 and spans[0][0] == 0 and spans[-1][1] == 6
+    assert all(b + 1 == a for (_, b), (a, _) in zip(spans, spans[1:]))
+    for dropped in ([[0], [2], [3]], [[0], [1], [2]]):          # a drop in the middle or at the end
+        with pytest.raises(come.ComeError, match="cover every original layer"):
+            come.original_spans(dropped, 4)
+
+
+def hybrid_hidden_states(teacher, student, j, spans, ids):
+    """Teacher layers before the span of student layer j, then student layer j, then the teacher's layers after."""
+    a, b = spans[j]
+    hybrid = copy.deepcopy(teacher)
+    hybrid.model.layers = torch.nn.ModuleList(list(come.decoder_layers(teacher)[:a]) + [come.decoder_layers(student)[j]]
+                                              + list(come.decoder_layers(teacher)[b + 1:]))
+    hybrid.config.num_hidden_layers = len(hybrid.model.layers)
+    with torch.no_grad():
+        return hybrid(ids, output_hidden_states=True, use_cache=False)
+
+
+@pytest.mark.parametrize("mode", ["mp", "sp"])
+def test_reported_loss_is_kl_at_the_boundary_leaving_each_original_span(mode):
+    """Oracle from stock HF forwards: mp = teacher forced (hybrid model), sp = the student's own forward."""
+    teacher, student, tree, ids = pruned_pair()
+    spans = come.original_spans(tree, 7)
+    tc = come.TrainConfig(mode=mode, epochs=1, loss_windows=2, batch_size=2, mp_lrs=[1e-30], lr=1e-30)
+    rows = come.post_train(student, teacher, tree, ids[:2], tc)["layers"]
+    assert [r["layer"] for r in rows] == [j for j, (a, b) in enumerate(spans) if b > a]
+    with torch.no_grad():
+        t_out = teacher(ids[:2], output_hidden_states=True)
+        s_out = student(ids[:2], output_hidden_states=True)
+    for r in rows:
+        j, (a, b) = r["layer"], spans[r["layer"]]
+        out = hybrid_hidden_states(teacher, student, j, spans, ids[:2]) if mode == "mp" else s_out
+        k = a + 1 if mode == "mp" else j + 1
+        if b == 6:      # the last layer: HF's last hidden state is normed, so compare the logits
+            log_t, log_s = t_out.logits.log_softmax(-1), out.logits.log_softmax(-1)
+            want = (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+        else:
+            want = naive_kl(out.hidden_states[k], t_out.hidden_states[b + 1], teacher).item()
+        assert r["loss_before"] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode,train_all", [("mp", False), ("sp", False), ("sp", True)])
+def test_post_train_changes_only_trained_layers_and_lowers_their_loss(mode, train_all, monkeypatch):
+    teacher, student, tree, ids = pruned_pair("qwen2")
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student_before = copy.deepcopy(student.state_dict())
+    batches = []
+    real = come.teacher_states
+    monkeypatch.setattr(come, "teacher_states", lambda t, b, k: batches.append(b.shape[0]) or real(t, b, k))
+    tc = come.TrainConfig(mode=mode, epochs=4, batch_size=2, lr=1e-3, mp_lrs=[3e-3, 1e-3], train_all=train_all)
+    report = come.post_train(student, teacher, tree, ids, tc)
+    assert max(batches) == 2 and len(batches) == 4 * 3 + 2 * 2     # teacher states per batch, never the whole set
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    trained = {r["layer"] for r in report["layers"]}
+    assert trained == ({0, 1, 2, 3} if train_all else {j for j, t in enumerate(tree) if len(t) > 1})
+    for k, v in student.state_dict().items():
+        layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        assert torch.equal(v, student_before[k]) == (layer not in trained), k
+    assert all(r["loss_after"] < 0.9 * r["loss_before"] for r in report["layers"])
+    assert report["steps"] == 12 and report["tokens"] == ids.numel()
+
+
+def test_post_train_bf16_keeps_fp32_updates_and_returns_bf16():
+    teacher, student, tree, ids = pruned_pair()
+    teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
+    before = copy.deepcopy(student.state_dict())
+    report = come.post_train(student, teacher, tree, ids, come.TrainConfig(mode="sp", epochs=2, lr=1e-5))
+    assert all(p.dtype == torch.bfloat16 for p in student.parameters())
+    j = report["layers"][0]["layer"]
+    # a 1e-5 AdamW step applied in bf16 would be rounded away; kept in fp32 it moves many weights by >= 1 bf16 ulp
+    assert not torch.equal(student.state_dict()[f"model.layers.{j}.mlp.up_proj.weight"],
+                           before[f"model.layers.{j}.mlp.up_proj.weight"])
+
+
+def test_cli_post_train_records_settings_and_losses(tiny_folder, calib_txt, tmp_path, capsys):
+    plan = cli("--model", tiny_folder("qwen3"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
+               "--eval-ppl", calib_txt, "--post-train", "sp", "--lr", 1e-3, "--epochs", 2, "--batch-size", 2,
+               "--distill-loss", "mse", "--save", tmp_path / "o")
+    post = plan["post_training"]
+    assert post["mode"] == "sp" and post["settings"]["lr"] == 1e-3 and post["settings"]["loss"] == "mse"
+    assert post["source"] == str(calib_txt) and post["windows"] > 1 and post["layers"]
+    assert all(r["loss_after"] < r["loss_before"] for r in post["layers"])
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "post-trained" in capsys.readouterr().out
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert reloaded.config.num_hidden_layers == 4
+    ids = come.eval_tokens(str(calib_txt), AutoTokenizer.from_pretrained(tmp_path / "o"), 32)
+    ppl = {phase: saved[phase]["ppl"][str(calib_txt)]["ppl"] for phase in ("pruned", "post_trained")}
+    assert come.perplexity(reloaded, ids, 32)["ppl"] == pytest.approx(ppl["post_trained"], rel=1e-6)
+    assert ppl["post_trained"] != pytest.approx(ppl["pruned"], rel=1e-3)      # the saved model is the trained one
+
+
+def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_txt, tmp_path):
+    """2 CPU processes (gloo) train their share of the merged layers; rank 0's save equals one process's run."""
+    import os
+    import subprocess
+    import sys
+    folder = tiny_folder("llama-gqa")
+    common = ["--model", folder, "--calib", calib_txt, "--seqlen", 32, "--eval-ppl", "none", "--epochs", 2,
+              "--mp-lrs", "1e-2,1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*launcher, args):
+        cmd = [sys.executable, *launcher, str(Path(come.__file__)), *map(str, common + args)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    run(args=["--target-layers", 3, "--post-train", "mp", "--save", tmp_path / "single"])
+    run(args=["--target-layers", 3, "--save", tmp_path / "pruned"])
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        args=["--apply-plan", tmp_path / "pruned" / "come_plan.json", "--post-train", "mp", "--save", tmp_path / "dist"])
+    single, dist = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "dist" / "model.safetensors")
+    pruned = load_file(tmp_path / "pruned" / "model.safetensors")
+    assert single.keys() == dist.keys() and all(torch.equal(single[k], dist[k]) for k in single)
+    assert any(not torch.equal(single[k], pruned[k]) for k in single)
+    post = json.loads((tmp_path / "dist" / "come_plan.json").read_text())["post_training"]
+    assert post["world_size"] == 2 and sorted({r["rank"] for r in post["layers"]}) == [0, 1]
+    one = json.loads((tmp_path / "single" / "come_plan.json").read_text())["post_training"]["layers"]
+    assert [r["loss_after"] for r in post["layers"]] == [r["loss_after"] for r in one]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "shortgpt", "--post-train", "sp"], "needs a merge tree"),
+    (["--post-train", "mp", "--train-all"], "--train-all applies to sp"),
+    (["--post-train", "mp", "--mp-lrs", "1e-4,x"], "--mp-lrs"),
+    (["--post-train", "sp", "--epochs", "0"], "must be positive"),
+])
+def test_bad_post_training_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
+                 match=match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_post_training_a_dropped_layer_plan_is_refused(tiny_folder, calib_txt, tmp_path, capsys):
+    cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 5,
+        "--method", "reverse", "--eval-ppl", "none", "--save", tmp_path / "a")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--apply-plan", tmp_path / "a" / "come_plan.json",
+                 "--post-train", "sp", "--eval-ppl", "none", "--save", tmp_path / "b", match="needs a merge tree")
+    assert not (tmp_path / "b").exists()
+
+
 # ============================================================================ evaluation (perplexity, lm-eval, results)
 def naive_perplexity(model, ids, seqlen):
     nll, count = 0.0, 0
