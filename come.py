@@ -1550,7 +1550,7 @@ def run(args) -> dict:
               + (f" -> {trained['ppl'][s]['ppl']:.2f} ({args.post_train})" if trained else "")
               for s, r in (pruned or {"ppl": {}})["ppl"].items()]
     if post:
-        parts.append(f"post-training {post['seconds']:.1f}s")
+        parts.append(f"post-training {post['seconds']:.1f}s (peak RSS {post['peak_rss_gib']:.2f} GiB)")
     parts += [f"pruning {prune_seconds:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB",
               f"saved to {save}"]
     print(", ".join(parts))

@@ -647,16 +647,25 @@ def test_post_train_changes_only_trained_layers_and_lowers_their_loss(mode, trai
     assert report["steps"] == 12 and report["tokens"] == ids.numel()
 
 
-def test_post_train_bf16_keeps_fp32_updates_and_returns_bf16():
+def test_post_train_bf16_student_trains_fp32_weights_and_returns_bf16(monkeypatch):
+    """A 1e-5 AdamW step applied to bf16 weights is mostly rounded away: the optimizer must hold fp32 copies."""
     teacher, student, tree, ids = pruned_pair()
     teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
     before = copy.deepcopy(student.state_dict())
+    seen = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            seen.extend(p.dtype for p in params)
+            super().__init__(params, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
     report = come.post_train(student, teacher, tree, ids, come.TrainConfig(mode="sp", epochs=2, lr=1e-5))
+    assert seen and set(seen) == {torch.float32}
     assert all(p.dtype == torch.bfloat16 for p in student.parameters())
     j = report["layers"][0]["layer"]
-    # a 1e-5 AdamW step applied in bf16 would be rounded away; kept in fp32 it moves many weights by >= 1 bf16 ulp
-    assert not torch.equal(student.state_dict()[f"model.layers.{j}.mlp.up_proj.weight"],
-                           before[f"model.layers.{j}.mlp.up_proj.weight"])
+    key = f"model.layers.{j}.mlp.up_proj.weight"
+    assert not torch.equal(student.state_dict()[key], before[key])
 
 
 def test_cli_post_train_records_settings_and_losses(tiny_folder, calib_txt, tmp_path, capsys):
