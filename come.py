@@ -1549,10 +1549,10 @@ def run(args) -> dict:
     parts += [f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
               + (f" -> {trained['ppl'][s]['ppl']:.2f} ({args.post_train})" if trained else "")
               for s, r in (pruned or {"ppl": {}})["ppl"].items()]
+    parts += [f"pruning {prune_seconds:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
     if post:
         parts.append(f"post-training {post['seconds']:.1f}s (peak RSS {post['peak_rss_gib']:.2f} GiB)")
-    parts += [f"pruning {prune_seconds:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB",
-              f"saved to {save}"]
+    parts.append(f"saved to {save}")
     print(", ".join(parts))
     return {**plan, "results": results}
 
