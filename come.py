@@ -1377,8 +1377,8 @@ def validate(args, ap) -> None:
     if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
     if args.post_train != "none":
-        if args.compare or args.method in ("shortgpt", "sleb", "reverse"):
-            ap.error("--post-train needs a merge tree: --method come, come-p, laco or weightsum, and no --compare")
+        if args.compare:     # a method that drops layers is refused in run(), for --apply-plan plans too
+            ap.error("--post-train trains one pruned model: it does not combine with --compare")
         if args.epochs < 1 or args.train_samples < 1 or args.lr <= 0 or args.batch_size < 1:
             ap.error("--epochs, --train-samples, --lr and --batch-size must be positive")
         if args.train_all and args.post_train == "mp":
