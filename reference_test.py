@@ -377,6 +377,119 @@ def test_come_p_picks_lowest_calibration_loss_by_brute_force():
         assert nll == pytest.approx(losses[r0], rel=1e-5)
 
 
+def whole_model_nll(model, ids):
+    """Mean next-token NLL of the calibration windows through the stock HF forward (the brute-force reference)."""
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "mean-norms"])
+def test_merge_scored_window_equals_brute_force_over_whole_models(fold):
+    model = make_tiny("mistral")
+    base = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(4))
+    cfg = come.ComeConfig(skip_score="merge", fold_norms=fold, allow_remerge=True)
+    step = come.come_prune(model, ids, 6, cfg)["steps"][0]
+    acts = come.HiddenStates(base, ids).refresh(0)
+    cache = come.HiddenStates(copy.deepcopy(base), ids)
+    cache.refresh(0)
+    bi = come.block_influence(cache.states)
+    shape, layers = come.attn_shape(base.config), come.decoder_layers(base)
+    brute = {}
+    for l in range(6):       # every window, CoMe's ratio and both one-hot ratios, each as a whole-model copy
+        att = [come.kv_group_scores(acts[i].attn, acts[i].tokens, layers[i].self_attn.o_proj.weight, shape)
+               for i in (l, l + 1)]
+        ffn = [come.ffn_neuron_scores(acts[i].ffn, acts[i].tokens, layers[i].mlp.down_proj.weight) for i in (l, l + 1)]
+        for r in (come.merge_ratios(bi[l:l + 2], 1.0, 0.0, 2), [1.0, 0.0], [0.0, 1.0]):
+            trial = copy.deepcopy(base)
+            tl = come.decoder_layers(trial)
+            groups = [come.top_channels(s, k) for s, k in zip(att, come.channel_budgets(r, shape.n_kv))]
+            neurons = [come.top_channels(s, k) for s, k in zip(ffn, come.channel_budgets(r, 172))]
+            come.apply_merge(trial, l, 2, come.concat_merge([come.layer_state(tl[i]) for i in (l, l + 1)], groups,
+                                                            neurons, r, shape, fold))
+            brute[l, tuple(r)] = whole_model_nll(trial, ids)
+    (l_best, r_best), best = min(brute.items(), key=lambda kv: kv[1])
+    assert step["window"] == [l_best, l_best + 1] and step["ratios"] == list(r_best)
+    assert step["sbi"] == pytest.approx(best, rel=1e-5)
+    for (l, r), nll in brute.items():
+        got = dict((tuple(c), v) for c, v in step["merge_nll"][l])[r]
+        assert got == pytest.approx(nll, rel=1e-5)
+    if fold:    # keeping one layer of a window = dropping the other: the same model as SLEB's candidate
+        dropped = copy.deepcopy(base)
+        come.keep_layers(dropped, [i for i in range(7) if i != 3])
+        assert brute[2, (1.0, 0.0)] == pytest.approx(whole_model_nll(dropped, ids), rel=1e-5)
+
+
+def repair_case(seed=0):
+    """A tiny model, its first merge, and what the repair sees: per-token u, z and target y of the merged layer."""
+    model = make_tiny("qwen2", seed)    # qwen2: down_proj has no bias, o/q/k/v biases exercise the attention path
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(seed))
+    cache = come.HiddenStates(model, ids)
+    cache.refresh(0)
+    targets = cache.states[3].clone()                       # output of layers 1-2
+    sources = [come.layer_state(l) for l in come.decoder_layers(model)[1:3]]
+    shape = come.attn_shape(model.config)
+    groups, neurons = [torch.tensor([0, 2]), torch.tensor([1])], [torch.arange(0, 172, 2), torch.arange(1, 172, 2)]
+    come.apply_merge(model, 1, 2, come.concat_merge(sources, groups, neurons, [0.5, 0.5], shape))
+    cache.after_merge(1, 2)
+    layer, seen = come.decoder_layers(model)[1], {}
+    h1 = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.setdefault("u", []).append(a[0]))
+    h2 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("z", []).append(a[0]))
+    with torch.no_grad():
+        for i in range(3):
+            cache.run_layer(layer, 1, cache.states[1][i:i + 1])
+    h1.remove(), h2.remove()
+    d = model.config.hidden_size
+    U = torch.cat([u.reshape(-1, d) for u in seen["u"]]).double()
+    Z = torch.cat([z.reshape(-1, 172) for z in seen["z"]]).double()
+    return cache, targets, U, Z, targets.reshape(-1, d).double()
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 1e-1])
+def test_repair_lstsq_equals_literal_ridge_least_squares(alpha):
+    cache, targets, U, Z, Y = repair_case()
+    W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
+    W, info = come.refit_down_proj(cache, 1, targets, "lstsq", alpha)
+    # oracle: the ridge problem as one stacked least-squares system [Z; sqrt(lam) I] W^T = [Y - U; sqrt(lam) W0^T]
+    lam = alpha * (Z * Z).sum(0).mean()
+    A = torch.cat([Z, lam.sqrt() * torch.eye(172, dtype=Z.dtype)])
+    B = torch.cat([Y - U, lam.sqrt() * W0.T])
+    want = torch.linalg.lstsq(A, B).solution.T
+    assert torch.allclose(W.double(), want, atol=1e-5, rtol=1e-4)
+    before = ((Y - U - Z @ W0.T) ** 2).sum() / ((Y - U) ** 2).sum()
+    after = ((Y - U - Z @ want.T) ** 2).sum() / ((Y - U) ** 2).sum()
+    assert info["residual_before"] == pytest.approx(before.item(), rel=1e-6)
+    assert info["residual_after"] == pytest.approx(after.item(), rel=1e-4) and after < before
+
+
+def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
+    cache, targets, U, Z, Y = repair_case(1)
+    W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
+    W, _ = come.refit_down_proj(cache, 1, targets, "scale", 0.1)
+    M, R = Z @ W0.T, Y - U
+    mu = 0.1 * (M * M).sum(0).mean()
+    for c in range(0, W0.shape[0], 7):    # oracle: one-dimensional ridge toward 1, per output channel, by a loop
+        a = torch.cat([M[:, c], mu.sqrt()[None]])
+        b = torch.cat([R[:, c], mu.sqrt()[None]])
+        s = (a @ b) / (a @ a)
+        assert torch.allclose(W[c].double(), s * W0[c], atol=1e-6, rtol=1e-5)
+    for kind in ("lstsq", "scale"):
+        W, info = come.refit_down_proj(cache, 1, targets, kind, 1e12)
+        assert torch.allclose(W.double(), W0, rtol=1e-6, atol=1e-9)
+        assert info["residual_after"] == pytest.approx(info["residual_before"], rel=1e-6)
+
+
+def test_repair_in_the_loop_lowers_calibration_nll():
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(7))
+    nll = {}
+    for repair in ("none", "lstsq"):
+        model = make_tiny("llama-gqa")
+        plan = come.come_prune(model, ids, 4, come.ComeConfig(repair=repair, repair_alpha=1e-2))
+        nll[repair] = whole_model_nll(model, ids)
+        assert ("tensors" in plan) == (repair != "none")
+    assert nll["lstsq"] < nll["none"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
     model = make_tiny(family)
@@ -400,8 +513,10 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
 @pytest.mark.parametrize("extra", [["--method", "come"], ["--method", "come-p", "--granularity", "4", "--fold-norms"],
                                    ["--skip-score", "sleb", "--span", "3", "--allow-remerge"],
                                    ["--method", "laco", "--span", "3"], ["--method", "sleb"],
-                                   ["--method", "weightsum"]],
-                         ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum"])
+                                   ["--method", "weightsum"], ["--method", "come+"],
+                                   ["--skip-score", "merge", "--span", "3", "--repair", "scale"]],
+                         ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum", "come+",
+                              "merge-score-span3-scale"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -762,6 +877,32 @@ def test_perplexity_equals_slow_reference_and_hf_loss():
 def test_wiki_offline_splits_follow_the_md5_rule():
     test, train = come.wiki_offline_rows("test"), come.wiki_offline_rows("train")
     assert len(test) == 1010 and len(train) == 9023 and not set(test) & set(train)
+
+
+def test_offline_suite_is_held_out_deterministic_and_large_enough():
+    test, train = come.wiki_offline_records("test"), come.wiki_offline_records("train")
+    items = come.offline_suite_items(test)
+    assert items == come.offline_suite_items(test)           # deterministic
+    assert sum(len(v) for v in items.values()) >= 1000 and all(len(v) >= 400 for v in items.values())
+    train_titles, train_text = {r["title"] for r in train}, "\n".join(r["extract"] for r in train)
+    test_titles = {r["title"] for r in test}
+    for task, rows in items.items():
+        assert {r["title"] for r in rows} <= test_titles and not {r["title"] for r in rows} & train_titles
+        for r in rows:
+            assert len(set(r["choices"])) == 4 and 0 <= r["answer"] < 4
+            if task == "wiki_next":      # no sentence of the suite comes from a calibration article
+                assert r["query"] not in train_text and not any(c in train_text for c in r["choices"])
+    positions = [r["answer"] for r in items["wiki_title"]]
+    assert min(positions.count(k) for k in range(4)) > 200        # the answer position is not a giveaway
+
+
+def test_offline_suite_runs_through_lm_eval_with_stderr(tmp_path):
+    model = make_tiny("llama-gqa")
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    res = come.task_accuracy(model, tok, come.parse_tasks(["offline"]), None, limit=6, batch_size=4)
+    assert set(res["tasks"]) == set(come.OFFLINE_SUITE)
+    for t in res["tasks"].values():
+        assert t["samples"] == 6 and 0 <= t["acc"] <= 1 and t["acc_stderr"] > 0 and t["acc_norm_stderr"] is not None
 
 
 def test_lm_eval_local_task_on_in_memory_pruned_model_matches_naive_loglikelihood():
