@@ -16,7 +16,7 @@ Paper map
     merge ratio F_merge (p, rho) and budgets         -> merge_ratios, channel_budgets
     concatenation merge (fig. 1 step 2)              -> concat_merge, apply_merge
     Algorithm 1 (progressive CoMe)                   -> come_prune(method="come")
-    Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio
+    Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio, candidate_nll
     sparsity -> layers removed                       -> layers_to_remove
     post-training, hierarchical distillation (fig. 1 step 3; SPEC §9; the authors released no code for it)
       Algorithm 3 (CoMe-sp) / Algorithm 4 (CoMe-mp)  -> post_train(mode "sp" / "mp") -> distill_step, distill_loss,
@@ -24,6 +24,12 @@ Paper map
     baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune
     evaluation (GPTQ perplexity, lm-eval)            -> perplexity, task_accuracy, evaluate; CLI: main, compare
+  [OURS] beyond the paper, each behind a named option (README "come+"):
+    --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
+    --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
+    --repair lstsq|scale (closed-form refit)         -> refit_down_proj
+    --method come+ (the best combination of these)   -> come_plus
+    --tasks offline (held-out 4-way accuracy suite)  -> offline_suite_items, offline_suite_folder
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
@@ -1631,6 +1637,12 @@ def validate(args, ap) -> None:
         ap.error("--span must be at least 2")
     if args.method == "come-p" and span_for("come-p", args.span) != 2:
         ap.error("--method come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
+    if not args.repair_alpha > 0:
+        ap.error("--repair-alpha must be positive")
+    methods = args.compare.split(",") if args.compare else [args.method]
+    if (args.repair != "none" or args.skip_score == "merge") and not set(methods) <= {"come", "come-p", "come+",
+                                                                                       "come-fold"}:
+        ap.error("--repair and --skip-score merge apply to the CoMe methods (come, come-p, come+) only")
     if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
     if args.post_train != "none":
@@ -1887,19 +1899,24 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
 
 
 def compare_plot(report: dict, names: list[str], path: Path) -> None:
-    """PPL vs sparsity, one line per method, log scale; one panel per evaluation set."""
+    """PPL vs sparsity (log scale), one panel per evaluation set, and the average task accuracy when measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sources = list(report["rows"][0]["ppl"]) if report["rows"] else []
-    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(5.5 * max(len(sources), 1), 4), squeeze=False)
-    for ax, src in zip(axes[0], sources):
+    first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
+    panels = [(f"PPL {src}", lambda r, src=src: r["ppl"][src]["ppl"], (report["dense"] or {}).get("ppl", {}).get(src),
+               "log") for src in first["ppl"]]
+    if first["tasks"]:
+        dense = ((report["dense"] or {}).get("tasks") or {}).get("average")
+        panels.append(("average accuracy", lambda r: r["tasks"]["average"], {"ppl": dense} if dense else None, "linear"))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (label, value, dense, scale) in zip(axes[0], panels):
         for n in names:
             rs = sorted((r for r in report["rows"] if r["method"] == n), key=lambda r: r["sparsity"])
-            ax.plot([r["sparsity"] for r in rs], [r["ppl"][src]["ppl"] for r in rs], marker="o", label=n)
-        if report["dense"] and src in report["dense"]["ppl"]:
-            ax.axhline(report["dense"]["ppl"][src]["ppl"], color="gray", linestyle="--", label="dense")
-        ax.set(xlabel="sparsity", ylabel=f"PPL {src}", yscale="log", title=report["model"])
+            ax.plot([r["sparsity"] for r in rs], [value(r) for r in rs], marker="o", label=n)
+        if dense:
+            ax.axhline(dense["ppl"], color="gray", linestyle="--", label="dense")
+        ax.set(xlabel="sparsity", ylabel=label, yscale=scale, title=report["model"])
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -962,8 +962,11 @@ def expect_error(capsys, *args, match):
     (["--sparsity", "0"], "(0, 1)"), (["--sparsity", "1.0"], "(0, 1)"),
     (["--sparsity", "0.2", "--target-layers", "3"], "not both"),
     (["--target-layers", "7"], "[1, 6]"), (["--target-layers", "0"], "[1, 6]"),
+    (["--method", "sleb", "--repair", "lstsq"], "CoMe methods"), (["--compare", "come,sleb", "--skip-score", "merge"],
+                                                                   "CoMe methods"),
+    (["--method", "come+", "--repair-alpha", "0"], "must be positive"),
 ])
-def test_bad_depth_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
+def test_bad_depth_and_method_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
                  match=match)
     assert not (tmp_path / "o").exists()
