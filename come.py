@@ -83,6 +83,7 @@ class ComeConfig:
     fold_norms: bool = False             # [OURS] fold source RMSNorm weights into the kept rows
     repair: str = "none"                 # [OURS] "none", "lstsq" (ridge refit of down_proj) or "scale" (per channel)
     repair_alpha: float = 1e-2           # [OURS] ridge strength, relative to the mean diagonal of Z^T Z
+    repair_target: str = "window"        # [OURS] "window": the window's output; "dense": the original model's
 
     def tokens_for_sbi(self) -> str:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
@@ -527,13 +528,15 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
     cache = HiddenStates(model, calib_ids, cache_device)
     activity: list[ChannelActivity | None] = [None] * len(tree)
-    steps, stale_from, tensors = [], 0, {}
+    steps, stale_from, tensors, dense = [], 0, {}, None
     while len(tree) > target_layers:                            # Alg.1 step 2
         t0 = time.perf_counter()
         layers = decoder_layers(model)
         # Alg.1 step 3: statistics on the CURRENT model; only layers from the last merge on have changed
         # DEVIATION: incremental recomputation from cached hidden states; the authors rerun the full pass each step.
         activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
+        if cfg.repair_target == "dense" and dense is None:    # [OURS] the original model's boundary states
+            dense = [h.clone() for h in cache.states]
         bi = block_influence(cache.states)
         span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
         best_ratios = tried = None
@@ -570,10 +573,10 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
             "ratio_search": search})
         if tried:
             steps[-1]["merge_nll"] = tried
-        if cfg.repair != "none":    # [OURS] the window's old output, still in the cache, is the refit's target
+        if cfg.repair != "none":    # [OURS] target: the window's old output (still cached) or the original model's
             name = f"step{len(steps)}.mlp.down_proj.weight"
-            tensors[name], steps[-1]["repair"] = refit_down_proj(
-                cache, start, cache.states[start + 1], cfg.repair, cfg.repair_alpha)
+            target = dense[tree[window[-1]][-1] + 1] if dense else cache.states[start + 1]
+            tensors[name], steps[-1]["repair"] = refit_down_proj(cache, start, target, cfg.repair, cfg.repair_alpha)
             steps[-1]["repair"]["tensor"] = name
             decoder_layers(model)[start].mlp.down_proj.weight.data.copy_(tensors[name])
         steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
@@ -1582,6 +1585,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refit each merged layer's down_proj to the window's output: lstsq (ridge) or scale "
                          "(per channel) [ours]")
     ap.add_argument("--repair-alpha", type=float, default=1e-2, help="ridge strength of --repair (default 1e-2)")
+    ap.add_argument("--repair-target", choices=("window", "dense"), default="window",
+                    help="what --repair matches: the merged window's output (default) or the original model's state "
+                         "leaving the merged layers' original span (keeps a copy of the dense states) [ours]")
     ap.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
     ap.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
@@ -1719,7 +1725,7 @@ def run(args) -> dict:
                      p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms, repair=args.repair,
-                     repair_alpha=args.repair_alpha)
+                     repair_alpha=args.repair_alpha, repair_target=args.repair_target)
     cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

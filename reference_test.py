@@ -445,21 +445,54 @@ def repair_case(seed=0):
     return cache, targets, U, Z, targets.reshape(-1, d).double()
 
 
+def literal_ridge(Z, R, W0, alpha):
+    """argmin_W ||R - Z W^T||^2 + lam ||W - W0||^2, lam = alpha mean(diag(Z^T Z)), as ONE stacked lstsq system."""
+    lam = alpha * (Z * Z).sum(0).mean()
+    A = torch.cat([Z, lam.sqrt() * torch.eye(Z.shape[1], dtype=Z.dtype)])
+    B = torch.cat([R, lam.sqrt() * W0.T])
+    return torch.linalg.lstsq(A, B).solution.T
+
+
 @pytest.mark.parametrize("alpha", [1e-3, 1e-1])
 def test_repair_lstsq_equals_literal_ridge_least_squares(alpha):
     cache, targets, U, Z, Y = repair_case()
     W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
     W, info = come.refit_down_proj(cache, 1, targets, "lstsq", alpha)
-    # oracle: the ridge problem as one stacked least-squares system [Z; sqrt(lam) I] W^T = [Y - U; sqrt(lam) W0^T]
-    lam = alpha * (Z * Z).sum(0).mean()
-    A = torch.cat([Z, lam.sqrt() * torch.eye(172, dtype=Z.dtype)])
-    B = torch.cat([Y - U, lam.sqrt() * W0.T])
-    want = torch.linalg.lstsq(A, B).solution.T
+    want = literal_ridge(Z, Y - U, W0, alpha)
     assert torch.allclose(W.double(), want, atol=1e-5, rtol=1e-4)
     before = ((Y - U - Z @ W0.T) ** 2).sum() / ((Y - U) ** 2).sum()
     after = ((Y - U - Z @ want.T) ** 2).sum() / ((Y - U) ** 2).sum()
     assert info["residual_before"] == pytest.approx(before.item(), rel=1e-6)
     assert info["residual_after"] == pytest.approx(after.item(), rel=1e-4) and after < before
+
+
+def test_repair_dense_target_is_the_original_model_state_leaving_the_span():
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    model = copy.deepcopy(base)
+    cfg = come.ComeConfig(repair="lstsq", repair_alpha=0.05, repair_target="dense", allow_remerge=True)
+    plan = come.come_prune(model, ids, 5, cfg)
+    first, second = plan["steps"]
+    assert any(len(s) > 1 for s in second["spans"])     # a re-merge: the window's own output is not the dense state
+    # rebuild the model the second step starts from, and the merged layer it writes (before the refit)
+    trial = copy.deepcopy(base)
+    come.replay_step(trial, first, tensors=plan["tensors"])
+    come.replay_step(trial, {k: v for k, v in second.items() if k != "repair"})
+    layer, seen = come.decoder_layers(trial)[second["window"][0]], {}
+    h1 = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("u", a[0]))
+    h2 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
+    with torch.no_grad():
+        trial(ids)
+    h1.remove(), h2.remove()
+    dense = come.HiddenStates(base, ids)     # raw states of the original model (the runner equals HF's forward)
+    dense.refresh(0)
+    b = sum(second["spans"], [])[-1]
+    d = base.config.hidden_size
+    U, Z = seen["u"].reshape(-1, d).double(), seen["z"].reshape(-1, 172).double()
+    R = dense.states[b + 1].reshape(-1, d).double() - U
+    want = literal_ridge(Z, R, layer.mlp.down_proj.weight.detach().double(), 0.05)
+    got = plan["tensors"][second["repair"]["tensor"]].double()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-3)
 
 
 def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
