@@ -82,7 +82,7 @@ class ComeConfig:
     granularity: int = 20                # CoMe-P ratio grid {0, 1/G, ..., 1}
     fold_norms: bool = False             # [OURS] fold source RMSNorm weights into the kept rows
     repair: str = "none"                 # [OURS] "none", "lstsq" (ridge refit of down_proj) or "scale" (per channel)
-    repair_alpha: float = 1e-2           # [OURS] ridge strength, relative to the mean diagonal of Z^T Z
+    repair_alpha: float = 1e-3           # [OURS] ridge strength, relative to the mean diagonal of Z^T Z
     repair_target: str = "window"        # [OURS] "window": the window's output; "dense": the original model's
 
     def tokens_for_sbi(self) -> str:
@@ -1584,7 +1584,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repair", choices=("none", "lstsq", "scale"), default="none",
                     help="refit each merged layer's down_proj to the window's output: lstsq (ridge) or scale "
                          "(per channel) [ours]")
-    ap.add_argument("--repair-alpha", type=float, default=1e-2, help="ridge strength of --repair (default 1e-2)")
+    ap.add_argument("--repair-alpha", type=float, default=1e-3, help="ridge strength of --repair (default 1e-3)")
     ap.add_argument("--repair-target", choices=("window", "dense"), default="window",
                     help="what --repair matches: the merged window's output (default) or the original model's state "
                          "leaving the merged layers' original span (keeps a copy of the dense states) [ours]")
