@@ -1357,7 +1357,8 @@ def evaluate(model, tokenizer, settings: EvalSettings, ppl_ids: dict[str, torch.
         out["tasks"] = task_accuracy(model, tokenizer, settings.tasks, settings.task_path, settings.limit,
                                      settings.batch_size)
         out["tasks"]["seconds"] = round(time.perf_counter() - t0, 2)
-        log(f"{label} tasks: " + ", ".join(f"{n} acc_norm {t['acc_norm'] or t['acc']:.4f}"
+        log(f"{label} tasks: " + ", ".join(f"{n} {'acc_norm' if t['acc_norm'] is not None else 'acc'} "
+                                           f"{t['acc_norm'] if t['acc_norm'] is not None else t['acc']:.4f}"
                                            for n, t in out["tasks"]["tasks"].items())
             + f"; average {out['tasks']['average']:.4f} ({out['tasks']['seconds']} s)")
     return out
