@@ -1055,6 +1055,15 @@ def test_plan_for_a_different_base_model(tiny_folder, calib_txt, tmp_path, capsy
     assert not (tmp_path / "b").exists()
 
 
+def test_repaired_plan_without_its_tensors_is_refused(tiny_folder, calib_txt, tmp_path, capsys):
+    cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+        "--repair", "lstsq", "--save", tmp_path / "a")
+    (tmp_path / "a" / come.PLAN_TENSORS).unlink()
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--apply-plan", tmp_path / "a" / "come_plan.json",
+                 "--save", tmp_path / "b", match="refit weights")
+    assert not (tmp_path / "b").exists()
+
+
 def test_interrupted_save_leaves_nothing(tiny_folder, calib_txt, tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
