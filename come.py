@@ -619,11 +619,10 @@ def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, 
 def come_plus(cfg: ComeConfig) -> ComeConfig:
     """[OURS] --method come+: the best training-free CoMe measured on SmolLM2 (README, "come+").
 
-    Windows and ratios chosen by the calibration NLL of the actual merge (one-hot ratios included, re-merging
-    allowed), norms folded into the kept rows, and each merged layer's down_proj refit by ridge least squares.
+    CoMe's windows and ratios, norms folded into the kept rows (--fold-norms), and each merged layer's down_proj
+    refit by ridge least squares to the window's output (--repair lstsq, alpha from --repair-alpha).
     """
-    return dataclasses.replace(cfg, skip_score="merge", allow_remerge=True, fold_norms=True, repair="lstsq",
-                               repair_alpha=cfg.repair_alpha)
+    return dataclasses.replace(cfg, fold_norms=True, repair="lstsq")
 
 
 def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: AttnShape, cfg: ComeConfig):
