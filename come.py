@@ -525,6 +525,10 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
     without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_down_proj).
     """
     shape, t_start = attn_shape(model.config), time.perf_counter()
+    d_ff = decoder_layers(model)[0].mlp.down_proj.in_features
+    if cfg.repair == "lstsq" and calib_ids.numel() < 4 * d_ff:    # measured on SmolLM2: README, "come+"
+        warnings.warn(f"--repair lstsq fits {d_ff} weights per output channel from {calib_ids.numel()} calibration "
+                      f"tokens; below {4 * d_ff} tokens it overfits: use more --nsamples or a larger --repair-alpha")
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
     cache = HiddenStates(model, calib_ids, cache_device)
     activity: list[ChannelActivity | None] = [None] * len(tree)

@@ -512,6 +512,12 @@ def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
         assert info["residual_after"] == pytest.approx(info["residual_before"], rel=1e-6)
 
 
+def test_repair_with_too_few_calibration_tokens_warns():
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(7))     # 128 tokens < 4 x 172
+    with pytest.warns(UserWarning, match="overfits"):
+        come.come_prune(make_tiny("llama-gqa"), ids, 5, come.ComeConfig(repair="lstsq"))
+
+
 def test_repair_in_the_loop_lowers_calibration_nll():
     ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(7))
     nll = {}
