@@ -609,13 +609,14 @@ def select_channels(att, ffn, ratios: list[float], shape: AttnShape):
     return k_groups, k_neurons, groups, neurons
 
 
-def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, torch.Tensor]) -> float:
+def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, torch.Tensor],
+                  candidate: nn.Module) -> float:
     """Calibration NLL of the model with layers start..start+span-1 replaced by one layer of state dict `merged`.
 
-    Builds only the candidate layer and runs the suffix from the cached hidden state entering the window.
+    `candidate` is one spare decoder layer (a copy made once by the caller) that takes the merged weights; the suffix
+    runs from the cached hidden state entering the window.
     """
     layers = decoder_layers(cache.model)
-    candidate = copy.deepcopy(layers[start])
     candidate.load_state_dict(merged, strict=True)
     return cache.nll_from(start, [(start, candidate)] + [(i, layers[i]) for i in range(start + span, len(layers))])
 
@@ -635,12 +636,12 @@ def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: A
     Builds one candidate layer and evaluates it from the cached hidden state entering the window.
     """
     # DEVIATION: one candidate layer, no deep copies of the model (the authors' code makes 21).
-    tried = []
+    tried, candidate = [], copy.deepcopy(decoder_layers(cache.model)[start])
     for j in _progress(range(cfg.granularity + 1), "CoMe-P ratio search", total=cfg.granularity + 1):
         r = [j / cfg.granularity, 1 - j / cfg.granularity]
         _, _, groups, neurons = select_channels(att, ffn, r, shape)
         merged = concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms)
-        tried.append((candidate_nll(cache, start, len(sources), merged), r))
+        tried.append((candidate_nll(cache, start, len(sources), merged, candidate), r))
     best = min(range(len(tried)), key=lambda i: (tried[i][0], i))
     return tried[best][1], [[r[0], nll] for nll, r in tried]
 
@@ -667,12 +668,14 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
         sources = [layer_state(layers[i]) for i in window]
         come = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, sum(len(tree[i]) for i in window))
         cands, nlls = [come] + [[float(i == k) for i in range(span)] for k in range(span)], []
+        candidate = copy.deepcopy(layers[l])     # one spare layer per window (a layer's attention type is its own)
         for r in cands:
             # with folded norms, keeping layer k of a window is the model without the window's other layers
             key = tuple(i for i in window if r[i - l] == 0) if cfg.fold_norms and 1.0 in r else None
             if key is None or key not in seen:
                 _, _, groups, neurons = select_channels(att, ffn, r, shape)
-                nll = candidate_nll(cache, l, span, concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms))
+                merged = concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms)
+                nll = candidate_nll(cache, l, span, merged, candidate)
                 seen[key] = nll
             nlls.append(seen[key])
         k = min(range(len(cands)), key=lambda i: (nlls[i], i))
