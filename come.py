@@ -1568,7 +1568,10 @@ def distributed(device: str) -> tuple[int, int, str]:
     if world == 1:
         return 0, 1, device
     local = os.environ.get("LOCAL_RANK", "0")
-    device = f"cuda:{local}" if device == "cuda" else device
+    if device.startswith("cuda") and device != f"cuda:{local}":
+        if device != "cuda":
+            log(f"torchrun: --device {device} becomes cuda:{local} on local rank {local} (one GPU per process)")
+        device = f"cuda:{local}"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))     # nccl collectives use the current device
     if not torch.distributed.is_initialized():
@@ -1782,9 +1785,16 @@ def prune(job: Job, model) -> None:
     if job.plan_in:
         apply_plan(model, job.plan_in)
         job.merge = job.plan_in["merge"]
-    else:
+    elif job.rank == 0:
         job.merge = PRUNERS[job.method](model, job.calib_ids, job.target, job.cfg, cache_device=job.cache_device(),
                                         **extra)
+    if job.world > 1 and not job.plan_in:     # torchrun: rank 0 prunes, every other rank replays its plan
+        box = [job.merge]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if job.rank != 0:
+            job.merge = box[0]
+            for step in job.merge["steps"]:
+                replay_step(model, step, job.cfg.fold_norms, job.merge.get("tensors"))
     job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=peak_rss_gib())
     job.results["pruned"] = _evaluate(job, model, "pruned")
 

@@ -864,8 +864,12 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         args=["--apply-plan", tmp_path / "pruned" / "come_plan.json", "--post-train", "mp",
               "--save", tmp_path / "dist"])
-    single, dist, pruned = (load_file(tmp_path / name / "model.safetensors") for name in ("single", "dist", "pruned"))
-    assert single.keys() == dist.keys() and all(torch.equal(single[k], dist[k]) for k in single)
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",     # rank 0 prunes and broadcasts
+        args=["--target-layers", 3, "--post-train", "mp", "--save", tmp_path / "dist-pruned"])
+    single, dist, pruned, both = (load_file(tmp_path / name / "model.safetensors")
+                                  for name in ("single", "dist", "pruned", "dist-pruned"))
+    assert single.keys() == dist.keys() == both.keys()
+    assert all(torch.equal(single[k], dist[k]) and torch.equal(single[k], both[k]) for k in single)
     assert any(not torch.equal(single[k], pruned[k]) for k in single)
     post = json.loads((tmp_path / "dist" / "come_plan.json").read_text())["post_training"]
     assert post["world_size"] == 2 and sorted({r["rank"] for r in post["layers"]}) == [0, 1]
