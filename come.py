@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -270,7 +271,8 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
 def call_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder layer on x, with x and the layer kwargs moved to the layer's device and dtype."""
     p = next(layer.parameters())
-    return layer(x.to(p.device, p.dtype), **_move(kwargs, p.device, p.dtype))
+    dev = torch.device(p.device_mesh.device_type) if hasattr(p, "device_mesh") else p.device   # FSDP2: compute device
+    return layer(x.to(dev, p.dtype), **_move(kwargs, dev, p.dtype))
 
 
 class HiddenStates:
@@ -827,6 +829,7 @@ class TrainConfig:
     loss_windows: int = 4                # first training windows on which the loss per layer is reported
     seed: int = 0                        # window order of every epoch
     save_dtype: str | None = None        # [OURS] dtype of the trained model (None: the student's); e.g. "float32"
+    memory: str = "plain"                # [OURS] sp: "checkpoint" activations or "offload" (+ FSDP2 CPU offload)
 
 
 def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, int]]:
@@ -899,7 +902,11 @@ def distill_step(student, teacher, states, kwargs, spans, js, tc: TrainConfig) -
     layers, h, outs = decoder_layers(student), states[0], {}
     for j in js if tc.mode == "mp" else range(max(js) + 1):
         x = states[spans[j][0]] if tc.mode == "mp" else h      # Alg.4 step 3: teacher-forced; Alg.3 step 3: own state
-        h = outs[j] = call_layer(layers[j], x, kwargs[layer_type(student.config, j)])
+        kw = kwargs[layer_type(student.config, j)]
+        if tc.memory != "plain" and torch.is_grad_enabled():     # [OURS] recompute the layer's activations in backward
+            h = outs[j] = torch.utils.checkpoint.checkpoint(call_layer, layers[j], x, kw, use_reentrant=False)
+        else:
+            h = outs[j] = call_layer(layers[j], x, kw)
     norm, head = teacher.model.norm, teacher.get_output_embeddings()
     losses = {j: distill_loss(outs[j], states[spans[j][1] + 1], norm, head, tc.loss, tc.kl_chunk) for j in js}
     if torch.is_grad_enabled():
@@ -950,6 +957,26 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
             "loss_on": f"the first {min(tc.loss_windows, ids.shape[0])} training windows, weights as saved"}
 
 
+def offload_layers(student, js: list[int]) -> dict:
+    """[OURS] sp --train-memory offload: torch FSDP2 CPU offload of the layers `js` in a one-process group.
+
+    Their fp32 weights, gradients and AdamW moments live in host memory (the optimizer steps there); each layer is
+    gathered onto the compute device only while it runs. Returns empty copies (meta device) to rebuild plain layers.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    layers, dev = decoder_layers(student), _device_of(decoder_layers(student)[js[0]])
+    own = not torch.distributed.is_initialized()
+    if own:
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1,
+                                             store=torch.distributed.HashStore())
+    mesh = init_device_mesh(dev.type, (1,))
+    templates = {j: copy.deepcopy(layers[j]).to("meta") for j in js} | {"device": dev, "own_group": own}
+    for j in js:
+        fully_shard(layers[j].float(), mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=dev.type == "cuda"))
+    return templates
+
+
 def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: TrainConfig, lr_of: dict,
                  dtype: torch.dtype) -> list[dict]:
     """Steps 3-4 of Algorithms 3/4 for the student layers `js` (mp: one layer; sp: every trained layer, summed loss).
@@ -970,7 +997,8 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
 
     before, n_steps = losses(), tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
     # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
-    params = [p for j in js for p in layers[j].float().requires_grad_(True).parameters()]
+    templates = offload_layers(student, js) if tc.memory == "offload" else None
+    params = [p for j in js for p in (layers[j] if templates else layers[j].float()).requires_grad_(True).parameters()]
     opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
     # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
@@ -992,7 +1020,13 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
         log(f"{name} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f}")
     after_fp32 = losses()
     for j in js:
+        if templates:       # plain layers again, with the trained weights gathered from the host
+            full = {k: v.full_tensor() for k, v in layers[j].state_dict().items()}
+            layers[j] = templates[j].to_empty(device=templates["device"]).float()
+            layers[j].load_state_dict(full)
         layers[j].requires_grad_(False).to(dtype)
+    if templates and templates["own_group"]:
+        torch.distributed.destroy_process_group()
     after = losses() if dtype != torch.float32 else after_fp32
     for j in js:
         if after[j] - after_fp32[j] > 0.5 * (before[j] - after_fp32[j]) > 0:
@@ -1396,14 +1430,21 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         if fits(phases["prune"], budget):
             break
     if tc:
-        live = 1 if tc.mode == "mp" else (target if tc.train_all else L - target)
-        parts = {"teacher": weights, "student": weights + merged if mapped else (total - (L - target) * per_layer) * e,
-                 f"training state ({live} layer{'s' * (live > 1)})": live * per_layer * (16 - e),
-                 "activations": tc.batch_size * seqlen * (12 * d + 6 * f) * 4 * (1 if tc.mode == "mp" else target),
+        n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
+        live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
+        saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
+        student = weights + merged if mapped else (total - (L - target) * per_layer) * e
+        parts = {"teacher": weights, "student": student - n * per_layer * e * off,
+                 f"training state ({live} layer{'s' * (live > 1)}{', on the host' * off})":
+                     live * per_layer * (16 if off else 16 - e),
+                 "gathered layer": per_layer * 8 * off,     # offload: the running layer's fp32 weights and gradient
+                 "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
+                 + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
                  "KL chunk": tc.kl_chunk * V * 4 * 4}
-        phases["post_train"] = {"gpu": sum(parts.values()) * gpu,
-                                "host": runtime + sum(parts.values()) * (not gpu), "parts": parts}
+        on_host = live * per_layer * 16 * off
+        phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu, "parts": parts,
+                                "host": runtime + (on_host if gpu else sum(parts.values()))}
     gib = {k: {"gpu_gib": round(v["gpu"] / GIB, 2), "host_gib": round(v["host"] / GIB, 2),
                "parts_bytes": {p: int(b) for p, b in v["parts"].items()}} for k, v in phases.items()}
     problems = [f"{phase} needs {v['gpu'] / GIB:.1f} GiB GPU and {v['host'] / GIB:.1f} GiB host, more than the "
@@ -1480,6 +1521,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: the paper's, interpolated to the merged layers)")
     g.add_argument("--distill-loss", choices=("kl", "mse"), default="kl", help="kl (default) or mse")
     g.add_argument("--train-all", action="store_true", help="sp: train every decoder layer, not only merged ones")
+    g.add_argument("--train-memory", choices=("auto", "plain", "checkpoint", "offload"), default="auto",
+                   help="sp: plain, checkpoint (recompute activations in backward), or offload (also the trained "
+                        "layers' fp32 weights, gradients and AdamW state to the host, torch FSDP2); auto: the first "
+                        "the memory plan fits [ours]")
     g = ap.add_argument_group("output")
     g.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
@@ -1539,6 +1584,8 @@ def validate(args, ap) -> None:
             ap.error("--post-train trains one pruned model: it does not combine with --compare")
         if args.epochs < 1 or args.train_samples < 1 or args.lr <= 0 or args.batch_size < 1:
             ap.error("--epochs, --train-samples, --lr and --batch-size must be positive")
+        if args.train_memory not in ("auto", "plain") and args.post_train == "mp":
+            ap.error("--train-memory checkpoint/offload applies to sp; mp already trains one layer at a time")
         if args.train_all and args.post_train == "mp":
             ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
@@ -1679,7 +1726,8 @@ def prepare(args) -> Job:
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     tc = TrainConfig(mode=args.post_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      mp_lrs=args.mp_lrs, loss=args.distill_loss, train_all=args.train_all, seed=args.seed,
-                     save_dtype=None if args.save_dtype == "auto" else args.save_dtype) \
+                     save_dtype=None if args.save_dtype == "auto" else args.save_dtype,
+                     memory="plain" if args.post_train == "mp" else args.train_memory) \
         if args.post_train != "none" else None
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
@@ -1710,8 +1758,14 @@ def plan_memory(job: Job) -> dict:
     folder = Path(resolve_model(args.model)) if Path(resolve_model(args.model)).is_dir() else None
     mapped = not args.device.startswith("cuda") and folder is not None and any(folder.glob("*.safetensors")) and \
         str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
-    plan = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc, budget,
-                       args.cache, mapped)
+    tc = job.tc
+    for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
+        job.tc = dataclasses.replace(tc, memory=memory) if memory else tc     # sp: the first that fits
+        plan = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc, budget,
+                           args.cache, mapped)
+        if not plan["problems"]:
+            break
+    plan["train_memory"] = job.tc.memory if job.tc else None
     if plan["problems"]:
         hints = []
         if job.tc and job.tc.mode == "sp":
@@ -1733,7 +1787,8 @@ def plan_memory(job: Job) -> dict:
 def describe_memory(plan: dict, what: str) -> str:
     budget = plan["budget_gib"]
     lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
-             f"cache on {plan['cache']}):"]
+             f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
+                                           and "post_train" in plan["memory"] else "") + "):"]
     for phase, v in plan["memory"].items():
         parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("

@@ -960,6 +960,29 @@ def test_save_dtype_keeps_fp32_updates_and_the_cast_warning():
             assert bad and len(undone) == len(bad)
 
 
+@pytest.mark.parametrize("memory", ["checkpoint", "offload"])
+def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, monkeypatch):
+    seen = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            seen.extend(type(p).__name__ for p in params)
+            super().__init__(params, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    runs = []
+    for mode in ("plain", memory):
+        teacher, student, tree, ids = pruned_pair("qwen3")
+        tc = come.TrainConfig(mode="sp", epochs=2, batch_size=2, lr=1e-3, memory=mode)
+        runs.append((student, come.post_train(student, teacher, tree, ids, tc)["layers"]))
+    (a, rows_a), (b, rows_b) = runs
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-6, msg=k)
+    assert [r["loss_after"] for r in rows_b] == pytest.approx([r["loss_after"] for r in rows_a], rel=1e-4)
+    assert all(type(p) is torch.nn.Parameter for p in b.parameters())      # plain layers again after offloading
+    assert ("DTensor" in seen) == (memory == "offload") and not torch.distributed.is_initialized()
+
+
 # ============================================================================ memory plan, cache placement, resume
 def storage_bytes(tensors) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
@@ -1021,6 +1044,12 @@ def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
     assert plan["memory"]["prune"]["parts_bytes"]["weights"] == 6_738_415_616 * 2
     assert plan["memory"]["post_train"]["parts_bytes"]["student"] == (6_738_415_616 - 10 * 202_383_360) * 2
     assert plan["cache"] == "gpu" and not plan["problems"]
+    cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 128,
+        "--sparsity", 0.3, "--nsamples", 8, "--post-train", "sp", "--results", out)
+    sp = json.loads(out.read_text())
+    assert "training state (10 layers, on the host)" in sp["memory"]["post_train"]["parts_bytes"]
+    assert not sp["problems"] and sp["memory"]["post_train"]["gpu_gib"] < 40 < sp["memory"]["post_train"]["gpu_gib"] \
+        + sp["memory"]["post_train"]["parts_bytes"]["training state (10 layers, on the host)"] / 2**30
 
 
 def test_hidden_state_cache_on_disk_is_bit_identical_and_leaves_no_file(tmp_path):
