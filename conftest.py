@@ -38,9 +38,14 @@ def tiny_text(n_words: int = 400, seed: int = 0) -> str:
 
 @pytest.fixture(autouse=True)
 def private_cache(request, tmp_path_factory, monkeypatch):
-    """Tests write dense-evaluation caches to a temporary folder; the real-model test keeps the converted SmolLM2."""
+    """Tests write caches to a temporary folder (the real-model tests keep the converted SmolLM2); the offline
+    PyPI packages (come_eval.offline_package) are fetched once into the user's cache and shared."""
     if "slow" not in request.keywords:
-        monkeypatch.setenv("COME_CACHE", str(tmp_path_factory.mktemp("come-cache")))
+        shared = Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come")) / "packages"
+        shared.mkdir(parents=True, exist_ok=True)
+        private = tmp_path_factory.mktemp("come-cache")
+        (private / "packages").symlink_to(shared, target_is_directory=True)
+        monkeypatch.setenv("COME_CACHE", str(private))
 
 
 @pytest.fixture(scope="session")

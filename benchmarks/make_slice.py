@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import come  # noqa: E402
+import come  # noqa: E402,F401
+import come_eval  # noqa: E402
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(come.smollm2_folder())
+    tokenizer = AutoTokenizer.from_pretrained(come_eval.smollm2_folder())
     family, fields = come.PAPER_CONFIGS[args.like]
     config = AutoConfig.for_model(family, **{**fields, "num_hidden_layers": args.layers,
                                              "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
