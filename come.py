@@ -24,7 +24,7 @@ Paper map
     baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
-                                                        CLI: main -> run (one call a phase), compare
+                                                        CLI: main -> run (one call a phase); come_eval.compare
   [OURS] beyond the paper, each behind a named option (README "come+"):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
@@ -50,6 +50,7 @@ Interpretations where neither source fixes the detail are marked `# INTERPRETATI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -180,7 +181,25 @@ def _move(obj, device, dtype: torch.dtype | None = None):
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(dev) if dev is not None else next(module.parameters()).device
+
+
+def offloaded(module: nn.Module) -> bool:
+    """[OURS] Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module):
+    """[OURS] The module with every offloaded weight loaded onto its execution device for the duration (accelerate)."""
+    with contextlib.ExitStack() as stack:
+        if offloaded(module):
+            from accelerate.utils import align_module_device
+            for m in module.modules():
+                stack.enter_context(align_module_device(m))
+        yield module
 
 
 def _progress(iterable, desc: str, total: int | None = None):
@@ -257,7 +276,7 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
     try:
         with torch.no_grad():
             for i in range(0, ids.shape[0], batch):
-                model.model(input_ids=ids[i:i + batch].to(model.get_input_embeddings().weight.device),
+                model.model(input_ids=ids[i:i + batch].to(_device_of(model.get_input_embeddings())),
                             use_cache=False)
     finally:
         model.model.layers = layers
@@ -270,7 +289,7 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
 def call_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder layer on x, with x and the layer kwargs moved to the layer's device and dtype."""
     p = next(layer.parameters())
-    dev = torch.device(p.device_mesh.device_type) if hasattr(p, "device_mesh") else p.device   # FSDP2: compute device
+    dev = torch.device(p.device_mesh.device_type) if hasattr(p, "device_mesh") else _device_of(layer)   # FSDP2
     return layer(x.to(dev, p.dtype), **_move(kwargs, dev, p.dtype))
 
 
@@ -344,7 +363,7 @@ class HiddenStates:
 def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chunk: int = 512) -> tuple[float, int]:
     """(sum of next-token NLL, token count) from decoder hidden states, in token chunks to bound logits memory."""
     head = model.get_output_embeddings()
-    dev = head.weight.device
+    dev = _device_of(head)
     hidden, ids = hidden.to(dev), ids.to(dev)
     if not normed:
         hidden = model.model.norm(hidden)
@@ -493,7 +512,13 @@ def concat_merge(sources: list[dict[str, torch.Tensor]], groups: list[torch.Tens
 
 def apply_merge(model, start: int, n: int, merged: dict[str, torch.Tensor]) -> None:
     """Write the merged layer at `start` and delete layers start+1 .. start+n-1."""
-    decoder_layers(model)[start].load_state_dict(merged, strict=True)
+    layer = decoder_layers(model)[start]
+    if offloaded(layer):        # [OURS] device_map offload: the merged layer lives on its compute device
+        from accelerate.hooks import remove_hook_from_submodules
+        for child in layer.children():
+            remove_hook_from_submodules(child)
+        layer.to_empty(device=_device_of(layer))
+    layer.load_state_dict(merged, strict=True)
     keep_layers(model, [i for i in range(len(decoder_layers(model))) if not start < i < start + n])
 
 
@@ -516,7 +541,18 @@ def keep_layers(model, keep: list[int]) -> None:
 
 
 def layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in layer.state_dict().items()}
+    with materialized(layer):       # weights a device_map offloaded are read from the host or disk
+        return {k: v.detach() for k, v in layer.state_dict().items()}
+
+
+def spare_layer(model, index: int) -> nn.Module:
+    """A free decoder layer like layer `index`, on its compute device, to load candidate merges into."""
+    layer = decoder_layers(model)[index]
+    if not offloaded(layer):
+        return copy.deepcopy(layer)
+    with torch.device("meta"):      # [OURS] device_map offload: built from the config, not copied with its hooks
+        spare = type(layer)(model.config, index)
+    return spare.to_empty(device=_device_of(layer)).to(next(layer.parameters()).dtype).eval()
 
 
 # ============================================================================ Algorithm 1 (and 2)
@@ -635,9 +671,10 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
 
 def window_channel_scores(layers, activity, window, shape: AttnShape) -> tuple[list, list]:
     """(S_att, S_ffn) of every layer of the window, from this step's statistics (SPEC §4.1)."""
-    att = [kv_group_scores(activity[i].attn, activity[i].tokens, layers[i].self_attn.o_proj.weight, shape)
+    w = {i: layer_state(layers[i]) for i in window}
+    att = [kv_group_scores(activity[i].attn, activity[i].tokens, w[i]["self_attn.o_proj.weight"], shape)
            for i in window]
-    ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, layers[i].mlp.down_proj.weight) for i in window]
+    ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, w[i]["mlp.down_proj.weight"]) for i in window]
     return att, ffn
 
 
@@ -678,7 +715,7 @@ def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: A
     Builds one candidate layer and evaluates it from the cached hidden state entering the window.
     """
     # DEVIATION: one candidate layer, no deep copies of the model (the authors' code makes 21).
-    tried, candidate = [], copy.deepcopy(decoder_layers(cache.model)[start])
+    tried, candidate = [], spare_layer(cache.model, start)
     for j in _progress(range(cfg.granularity + 1), "CoMe-P ratio search", total=cfg.granularity + 1):
         r = [j / cfg.granularity, 1 - j / cfg.granularity]
         _, _, groups, neurons = select_channels(att, ffn, r, shape)
@@ -710,7 +747,7 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
         sources = [layer_state(layers[i]) for i in window]
         come = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, sum(len(tree[i]) for i in window))
         cands, nlls = [come] + [[float(i == k) for i in range(span)] for k in range(span)], []
-        candidate = copy.deepcopy(layers[l])     # one spare layer per window (a layer's attention type is its own)
+        candidate = spare_layer(cache.model, l)    # one spare layer per window (a layer's attention type is its own)
         for r in cands:
             # with folded norms, keeping layer k of a window is the model without the window's other layers
             key = tuple(i for i in window if r[i - l] == 0) if cfg.fold_norms and 1.0 in r else None
@@ -865,7 +902,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, norm: nn.Module, 
     need_grad = torch.is_grad_enabled()
     leaf = student.detach().float().requires_grad_(need_grad)
     target = teacher.detach().to(leaf.device)
-    w = head.weight
+    dev, dt = _device_of(head), head.weight.dtype
     if kind == "mse":
         loss = F.mse_loss(leaf, target.float())
         if need_grad:
@@ -874,8 +911,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, norm: nn.Module, 
     n, total = leaf.numel() // leaf.shape[-1], 0.0
     for s in range(0, n, chunk):
         with torch.no_grad():
-            log_t = F.log_softmax(head(norm(target.reshape(n, -1)[s:s + chunk].to(w.device, w.dtype))).float(), -1)
-        log_s = F.log_softmax(head(norm(leaf.reshape(n, -1)[s:s + chunk].to(w.device, w.dtype))).float(), -1)
+            log_t = F.log_softmax(head(norm(target.reshape(n, -1)[s:s + chunk].to(dev, dt))).float(), -1)
+        log_s = F.log_softmax(head(norm(leaf.reshape(n, -1)[s:s + chunk].to(dev, dt))).float(), -1)
         kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / n
         if need_grad:
             kl.backward()
@@ -1123,7 +1160,7 @@ def laco_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
         pointer = pointer if 0 <= pointer <= len(tree) - span else len(tree) - span
         tried = []
         for start in range(pointer, -1, -1):
-            candidate = copy.deepcopy(layers[start])
+            candidate = spare_layer(model, start)
             candidate.load_state_dict(rdsc_merge([layer_state(layers[i]) for i in range(start, start + span)]))
             suffix = [(start, candidate)] + [(i, layers[i]) for i in range(start + span, len(layers))]
             tried.append((cache.similarity_from(start, suffix, dense_out), start))
@@ -1163,8 +1200,13 @@ def weightsum_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
 
 
 PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "shortgpt": shortgpt_prune,
-           "sleb": sleb_prune,
-           "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune}
+           "sleb": sleb_prune, "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune}
+
+
+def span_for(method: str, span: int | None) -> int:
+    """--span, or the method's default: LaCo collapses 4 layers at a time (its paper's C), the others merge 2."""
+    # INTERPRETATION: LaCo's own C = 4 by default; with 2 its RDSC formula reduces to keeping the upper layer.
+    return span if span is not None else 4 if method == "laco" else 2
 
 
 # ============================================================================ I/O and plan
@@ -1204,23 +1246,32 @@ def load_config(name: str, builtin: bool = False):
     return config
 
 
-def load_model(name: str, device: str, dtype: torch.dtype):
-    """Model and tokenizer, every weight on `device` (the memory plan has checked that they fit)."""
-    # INTERPRETATION: no device_map offload: the layer-wise code reads and replaces weights that accelerate would keep
-    # on the meta device; a model that does not fit is refused by the memory plan before loading.
+def load_model(name: str, device: str, dtype: torch.dtype, offload: int = 0):
+    """Model and tokenizer on `device`; the last `offload` decoder layers stay on the host (on disk for a CPU run).
+
+    Offloaded layers go through accelerate's device_map hooks: their weights are loaded onto `device` while they run
+    (and by `materialized` when read); a merge turns them into ordinary layers on `device`.
+    """
     path = resolve_model(name)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()      # blocks this process cached (e.g. the pruning cache) are free for the teacher
-    on_device = {"device_map": device} if device != "cpu" else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **on_device)
+    kwargs = {"device_map": device} if device != "cpu" else {}
+    if offload:     # [OURS] device_map: every top-level part on the device, the last `offload` layers away
+        meta = meta_model(AutoConfig.from_pretrained(path))
+        n, away = len(decoder_layers(meta)), "disk" if device == "cpu" else "cpu"
+        device_map = {f"model.{k}": device for k, _ in meta.model.named_children() if k != "layers"}
+        device_map |= {f"model.layers.{i}": away if i >= n - offload else device for i in range(n)}
+        kwargs = {"device_map": device_map | {"lm_head": device}, "offload_folder": str(cache_root() / "offload")}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def fingerprint(model) -> dict:
     """What identifies the base model a plan applies to: its shapes and a checksum of a few weights."""
     c, layers, digest = model.config, decoder_layers(model), hashlib.sha256()
-    probe = [model.get_input_embeddings().weight[:8], layers[0].self_attn.q_proj.weight[:4],
-             layers[-1].mlp.down_proj.weight[:4]]
+    with materialized(model.get_input_embeddings()) as embed:
+        probe = [embed.weight[:8], layer_state(layers[0])["self_attn.q_proj.weight"][:4],
+                 layer_state(layers[-1])["mlp.down_proj.weight"][:4]]
     for t in probe:   # bf16-rounded, so the same weights loaded in another dtype still match
         digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
     return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
@@ -1368,13 +1419,15 @@ def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None) -
 
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg: ComeConfig,
                 tc: TrainConfig | None, budget: dict[str, float], placement: str = "auto",
-                mapped: bool = False) -> dict:
+                mapped: bool = False, offload: int = 0, models: int = 1) -> dict:
     """[OURS] Peak GPU and host memory of each phase from the config alone, and the placements that fit `budget`.
 
     prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
     one layer, the NLL chunk's logits, or a merge (merged and candidate layer, --repair's float64 sums).
     post_train: teacher, student, the fp32 weights + gradient + AdamW moments of the layers training at once (mp: one,
     sp: every merged layer), their saved activations, the teacher's boundary states and the KL chunk.
+    `models`: copies of the weights alive while pruning (--compare prunes a copy of the base model).
+    `offload`: decoder layers a device_map keeps on the host (disk on a CPU run); merged ones come onto the device.
     `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
     lives, replaced layers included, so merged layers come on top; an untied input embedding is paged in only where
     tokens occur. One model for --dry-run, the cache placement (GPU, host, or memory-mapped disk) and the refusal to
@@ -1386,27 +1439,30 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     total, per_layer = count_params(meta), count_params(decoder_layers(meta)[0])
     one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
     cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
-    weights = total * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
-    merged = (L - target) * per_layer * e if mapped else 0      # next to the replaced layers' still-mapped pages
+    weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
+    # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
+    merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
+    away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
     transient = {"one layer's activations": seqlen * (3 * f + 2 * d) * e, "NLL logits": 512 * V * 4 * 2,
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
                  + (f * f + d * f) * 8 * repair}
     phases, runtime = {}, RUNTIME_GIB * GIB
     for where in [placement] if placement != "auto" else (["gpu"] if gpu else []) + ["host", "disk"]:
-        parts = {"weights": weights, "merged layers": merged,
+        parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
                  f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
-        peak = weights + merged + max(transient.values())
+        peak = weights * models + merged + max(transient.values())
         cached = parts[f"hidden-state cache ({where})"]
         phases["prune"] = {"gpu": (peak + cached * (where == "gpu")) * gpu,
-                           "host": runtime + cached * (where != "gpu") + peak * (not gpu), "parts": parts}
+                           "host": runtime + cached * (where != "gpu") + away + peak * (not gpu), "parts": parts}
         if fits(phases["prune"], budget):
             break
     if tc:
         n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
         live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
-        student = weights + merged if mapped else (total - (L - target) * per_layer) * e
-        parts = {"teacher": weights, "student": student - n * per_layer * e * off,
+        student = weights + merged if mapped else (total - (L - target) * per_layer) * e - \
+            max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
+        parts = {"teacher": weights, "student": student - n * per_layer * e * off, "offloaded layers": 2 * away,
                  f"training state ({live} layer{'s' * (live > 1)}{', on the host' * off})":
                      live * per_layer * (16 if off else 16 - e),
                  "gathered layer": per_layer * 8 * off,     # offload: the running layer's fp32 weights and gradient
@@ -1414,7 +1470,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
                  "KL chunk": tc.kl_chunk * V * 4 * 4}
-        on_host = live * per_layer * 16 * off
+        on_host = live * per_layer * 16 * off + 2 * away
         phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu, "parts": parts,
                                 "host": runtime + (on_host if gpu else sum(parts.values()))}
     gib = {k: {"gpu_gib": round(v["gpu"] / GIB, 2), "host_gib": round(v["host"] / GIB, 2),
@@ -1511,6 +1567,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "nothing written but --results [ours]")
     g.add_argument("--gpu-gib", type=float, help="plan for a GPU with this much free memory (default: this one's)")
     g.add_argument("--host-gib", type=float, help="plan for this much free host memory (default: this machine's)")
+    g.add_argument("--offload-layers", type=int, help="keep the last N decoder layers off the device (host memory; "
+                                                       "disk on a CPU run), loaded while they run; default: as many "
+                                                       "as the memory plan needs (none when the model fits)")
     g.add_argument("--cache", choices=("auto", "gpu", "host", "disk"), default="auto",
                    help="where the calibration hidden states live (auto: the first that fits; disk: memory-mapped "
                         "files under the cache folder)")
@@ -1519,12 +1578,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
     return ap
-
-
-def span_for(method: str, span: int | None) -> int:
-    """--span, or the method's default: LaCo collapses 4 layers at a time (its paper's C), the others merge 2."""
-    # INTERPRETATION: LaCo's own C = 4 by default; with 2 its RDSC formula reduces to keeping the upper layer.
-    return span if span is not None else 4 if method == "laco" else 2
 
 
 def validate(args, ap) -> None:
@@ -1567,6 +1620,8 @@ def validate(args, ap) -> None:
                  "--gpu-gib N)")
     if (args.cache == "gpu") != (args.cache == "gpu" and args.device.startswith("cuda")):
         ap.error("--cache gpu needs --device cuda")
+    if args.offload_layers is not None and (args.offload_layers < 0 or args.compare):
+        ap.error("--offload-layers must be >= 0 and does not combine with --compare (which copies the model)")
     if any(x is not None and x <= 0 for x in (args.gpu_gib, args.host_gib)):
         ap.error("--gpu-gib and --host-gib must be positive")
     if args.resume and (args.compare or args.apply_plan or args.method not in ("come", "come-p", "come+")):
@@ -1649,7 +1704,7 @@ def run(args) -> dict:
         return dry_run(job)
     model = load(job)               # weights, evaluation tokens, dense evaluation (cached)
     if args.compare:
-        return compare(job, model)
+        return ev.compare(job, model)
     prune(job, model)               # or replay --apply-plan; evaluates the pruned model
     post_training(job, model)       # --post-train sp|mp; evaluates the trained model
     if job.rank != 0:
@@ -1675,6 +1730,8 @@ def prepare(args) -> Job:
     L = config.num_hidden_layers
     if args.target_layers is not None and not 1 <= args.target_layers < L:
         raise ComeError(f"--target-layers must be in [1, {L - 1}] for a model with {L} layers")
+    if (args.offload_layers or 0) >= L:
+        raise ComeError(f"--offload-layers must be below the model's {L} layers")
     method = plan_in["config"]["method"] if plan_in else "compare" if args.compare else args.method
     if args.post_train != "none" and method in ("shortgpt", "sleb", "reverse"):
         raise ComeError(f"--post-train needs a merge tree; '{method}' drops layers, so no teacher state matches them")
@@ -1730,13 +1787,19 @@ def plan_memory(job: Job) -> dict:
     folder = Path(resolve_model(args.model)) if Path(resolve_model(args.model)).is_dir() else None
     mapped = not args.device.startswith("cuda") and folder is not None and any(folder.glob("*.safetensors")) and \
         str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
-    tc = job.tc
-    for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
-        job.tc = dataclasses.replace(tc, memory=memory) if memory else tc     # sp: the first that fits
-        plan = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc, budget,
-                           args.cache, mapped)
-        if not plan["problems"]:
+    tc, offload = job.tc, args.offload_layers or 0
+    while True:     # the fewest offloaded layers (--offload-layers fixes it), then sp's first training memory that fits
+        for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
+            job.tc = dataclasses.replace(tc, memory=memory) if memory else tc
+            plan = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc,
+                               budget, args.cache, mapped, offload, 2 if args.compare else 1)
+            if not plan["problems"]:
+                break
+        if not plan["problems"] or args.offload_layers is not None or not args.device.startswith("cuda") or \
+                offload >= job.config.num_hidden_layers - 1:
             break
+        offload += 1
+    plan["offload_layers"] = offload
     plan["train_memory"] = job.tc.memory if job.tc and job.tc.mode == "sp" else None
     if plan["problems"]:
         hints = []
@@ -1760,7 +1823,8 @@ def describe_memory(plan: dict, what: str) -> str:
     budget = plan["budget_gib"]
     lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
              f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
-                                           else "") + "):"]
+                                           else "") + (f"; {plan['offload_layers']} layers offloaded"
+                                                       if plan.get("offload_layers") else "") + "):"]
     for phase, v in plan["memory"].items():
         parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("
@@ -1779,7 +1843,7 @@ def dry_run(job: Job) -> dict:
 
 def load(job: Job):
     """Weights, evaluation tokens, and the dense model's evaluation (cached across runs)."""
-    model, _ = load_model(job.args.model, job.args.device, job.dtype)
+    model, _ = load_model(job.args.model, job.args.device, job.dtype, job.memory["offload_layers"])
     log(f"model: {job.args.model} ({job.config.model_type}, {job.config.num_hidden_layers} layers, "
         f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
     job.ppl_ids = {src: ev.eval_tokens(src, job.tokenizer, job.args.seqlen) for src in job.settings.ppl}
@@ -1834,7 +1898,7 @@ def post_training(job: Job, model) -> None:
     source = args.train_data or job.calib
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
     train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.seqlen, args.seed, "training")
-    teacher, _ = load_model(args.model, args.device, job.dtype)     # the frozen original model
+    teacher, _ = load_model(args.model, args.device, job.dtype, job.memory["offload_layers"])   # the original model
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
                                                job.world), "peak_rss_gib": round(peak_rss_gib(), 3)}
     del teacher
@@ -1895,55 +1959,6 @@ def save_and_report(job: Job, model) -> dict:
     parts.append(f"saved to {job.save}")
     print(", ".join(parts))
     return {**plan, "results": results}
-
-
-def compare(job: Job, base) -> dict:
-    """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
-
-    Every method here is progressive, so one run to the deepest target passes through the shallower ones: each
-    target depth is evaluated on the way (pruning time excludes evaluation). WeightSum replays CoMe's own steps.
-    """
-    args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
-    names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
-    sparsities = [float(x) for x in args.sparsities.split(",")]
-    L, params = len(decoder_layers(base)), count_params(base)
-    targets = {s: L - layers_to_remove(base, s) for s in sparsities}
-    rows, come_plan = [], None
-    for name in names:
-        method = "come" if name == "come-fold" else name
-        mcfg = dataclasses.replace(cfg, method=method, fold_norms=cfg.fold_norms or name == "come-fold",
-                                   span=span_for(method, args.span))
-        mcfg = come_plus(mcfg) if method == "come+" else mcfg
-        model, spent = copy.deepcopy(base), [0.0]
-
-        def on_depth(m, depth, seconds):
-            for s in [s for s, t in targets.items() if t == depth]:
-                t0 = time.perf_counter()
-                res = ev.evaluate(m, tokenizer, settings, job.ppl_ids, f"{name} s={s}")
-                rows.append({"method": name, "sparsity": s, "layers": depth,
-                             "prune_seconds": round(seconds - spent[0], 2),
-                             "achieved_sparsity": 1 - count_params(m) / params, **res})
-                spent[0] += time.perf_counter() - t0
-        extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
-        log(f"compare: {name}")
-        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, job.cache_device(), on_depth=on_depth,
-                               stops=tuple(targets.values()), **extra)
-        if name == "come":
-            come_plan = plan
-        del model
-    report = {"model": args.model, "calibration_tokens": calib_ids.numel(), "targets": targets,
-              "dense": job.results.get("dense"),
-              "rows": rows, "versions": versions()}
-    markdown = ev.compare_markdown(report, names, sparsities)
-
-    def write(tmp: Path) -> None:
-        (tmp / "compare.json").write_text(json.dumps(report, indent=1))
-        (tmp / "compare.md").write_text(markdown)
-        ev.compare_plot(report, names, tmp / "compare.png")
-    write_folder(job.save, args.overwrite, write)
-    print(markdown)
-    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {job.save}")
-    return report
 
 
 def describe_step(step: dict) -> str:

@@ -1,11 +1,12 @@
 """Data and evaluation for come.py: calibration and evaluation text, GPTQ-protocol perplexity, lm-eval tasks, the
-offline accuracy suite, result tables and the --compare report.
+offline accuracy suite, result tables and --compare (every method at every sparsity, with its report).
 
 Kept apart from come.py so that come.py reads as the method; come.py's CLI imports this module. Imports beyond
 torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions that need them.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from come import ComeError, _progress, cache_root, log, token_nll, write_folder
+from come import (PRUNERS, ComeError, _device_of, _progress, cache_root, come_plus, count_params, decoder_layers,
+                  layers_to_remove, log, span_for, token_nll, versions, write_folder)
 
 
 # ============================================================================ text sources and calibration windows
@@ -189,7 +191,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     if n == 0:
         raise ComeError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     n = min(n, max_windows) if max_windows else n
-    dev = model.get_input_embeddings().weight.device
+    dev = _device_of(model.get_input_embeddings())
     total, count = 0.0, 0
     bar = _progress(range(n), desc, total=n)
     for i in bar:
@@ -412,6 +414,54 @@ def results_table(dense: dict | None, pruned: dict, trained: dict | None = None)
 
 
 # ============================================================================ --compare report
+def compare(job, base) -> dict:
+    """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
+
+    Every method here is progressive, so one run to the deepest target passes through the shallower ones: each
+    target depth is evaluated on the way (pruning time excludes evaluation). WeightSum replays CoMe's own steps.
+    """
+    args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
+    names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    L, params = len(decoder_layers(base)), count_params(base)
+    targets = {s: L - layers_to_remove(base, s) for s in sparsities}
+    rows, come_plan = [], None
+    for name in names:
+        method = "come" if name == "come-fold" else name
+        mcfg = dataclasses.replace(cfg, method=method, fold_norms=cfg.fold_norms or name == "come-fold",
+                                   span=span_for(method, args.span))
+        mcfg = come_plus(mcfg) if method == "come+" else mcfg
+        model, spent = copy.deepcopy(base), [0.0]
+
+        def on_depth(m, depth, seconds):
+            for s in [s for s, t in targets.items() if t == depth]:
+                t0 = time.perf_counter()
+                res = evaluate(m, tokenizer, settings, job.ppl_ids, f"{name} s={s}")
+                rows.append({"method": name, "sparsity": s, "layers": depth,
+                             "prune_seconds": round(seconds - spent[0], 2),
+                             "achieved_sparsity": 1 - count_params(m) / params, **res})
+                spent[0] += time.perf_counter() - t0
+        extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
+        log(f"compare: {name}")
+        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, job.cache_device(), on_depth=on_depth,
+                               stops=tuple(targets.values()), **extra)
+        if name == "come":
+            come_plan = plan
+        del model
+    report = {"model": args.model, "calibration_tokens": calib_ids.numel(), "targets": targets,
+              "dense": job.results.get("dense"), "rows": rows, "versions": versions()}
+    markdown = compare_markdown(report, names, sparsities)
+
+    def write(tmp: Path) -> None:
+        (tmp / "compare.json").write_text(json.dumps(report, indent=1))
+        (tmp / "compare.md").write_text(markdown)
+        compare_plot(report, names, tmp / "compare.png")
+    write_folder(job.save, args.overwrite, write)
+    print(markdown)
+    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {job.save}")
+    return report
+
+
 def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
     """Tables method x sparsity: PPL per evaluation set, average task accuracy, pruning wall time."""
     cell = {(r["method"], r["sparsity"]): r for r in report["rows"]}

@@ -1044,6 +1044,11 @@ def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
     assert plan["memory"]["prune"]["parts_bytes"]["weights"] == 6_738_415_616 * 2
     assert plan["memory"]["post_train"]["parts_bytes"]["student"] == (6_738_415_616 - 10 * 202_383_360) * 2
     assert plan["cache"] == "gpu" and not plan["problems"]
+    cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 12, "--host-gib", 128,
+        "--sparsity", 0.3, "--nsamples", 8, "--post-train", "mp", "--results", out)
+    small = json.loads(out.read_text())      # a 12 GiB GPU: layers wait in host memory
+    assert small["offload_layers"] > 0 and not small["problems"]
+    assert max(v["gpu_gib"] for v in small["memory"].values()) <= 12
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 128,
         "--sparsity", 0.3, "--nsamples", 8, "--post-train", "sp", "--results", out)
     sp = json.loads(out.read_text())
@@ -1092,6 +1097,24 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_folder, calib_txt, tmp_p
     assert strip == [{k: v for k, v in s.items() if k != "seconds"} for s in resumed["merge"]["steps"]]
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "o"))
     assert all(torch.equal(a[k], b[k]) for k in a) and not progress.exists()
+
+
+def test_offloaded_layers_prune_train_and_replay_bit_identically(tiny_folder, calib_txt, tmp_path):
+    """--offload-layers (accelerate device_map; on CPU the layers wait on disk): same merges, training and weights."""
+    common = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--eval-ppl", calib_txt]
+    train = ["--method", "come-p", "--granularity", 4, "--target-layers", 3, "--post-train", "mp"]
+    plain = cli(*common, *train, "--save", tmp_path / "a")
+    off = cli(*common, *train, "--offload-layers", 3, "--save", tmp_path / "b")
+    assert off["memory_plan"]["offload_layers"] == 3 and plain["memory_plan"]["offload_layers"] == 0
+    for phase in ("dense", "pruned", "post_trained"):
+        assert off["evaluation"][phase]["ppl"][str(calib_txt)]["ppl"] == \
+            plain["evaluation"][phase]["ppl"][str(calib_txt)]["ppl"]
+    replay = ["--apply-plan", tmp_path / "a" / "come_plan.json", "--eval-ppl", "none"]
+    cli("--model", tiny_folder("llama-gqa"), *replay, "--save", tmp_path / "c")
+    cli("--model", tiny_folder("llama-gqa"), *replay, "--offload-layers", 6, "--save", tmp_path / "d")
+    for x, y in (("a", "b"), ("c", "d")):
+        a, b = (load_file(tmp_path / name / "model.safetensors") for name in (x, y))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_window_code_refuses_a_ratio_per_layer_mismatch(tiny_folder, calib_txt, tmp_path, capsys):
