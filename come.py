@@ -1447,7 +1447,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
                  + (f * f + d * f) * 8 * repair}
     phases, runtime = {}, RUNTIME_GIB * GIB
-    for where in [placement] if placement != "auto" else (["gpu"] if gpu else []) + ["host", "disk"]:
+    for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:
         parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
                  f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
         peak = weights * models + merged + max(transient.values())
