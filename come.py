@@ -25,7 +25,7 @@ Paper map
                                                         weightsum_prune (weighted_sum_merge), reverse_prune
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
                                                         CLI: main -> run (one call a phase); come_eval.compare
-  [OURS] beyond the paper, each behind a named option (README "come+"):
+  [OURS] beyond the paper, each behind a named option (README "come+" and "Paper scale"):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
     --repair lstsq|scale (closed-form refit)         -> refit_down_proj
@@ -34,13 +34,15 @@ Paper map
     memory plan, --dry-run, cache placement          -> memory_plan, plan_memory; HiddenStates(placement="disk")
     --resume (plan written after every merge step)   -> come_prune(resume=, on_step=), write_progress
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
+    sp --train-memory checkpoint|offload (FSDP2)     -> distill_step, offload_layers
+    --offload-layers (device_map, weights off GPU)   -> load_model, materialized, spare_layer, apply_merge
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
     2. BI/SBI of the last layer use its raw output, not the final-normed hidden state.
     3. BI uses a row-wise cosine, never an N x N similarity matrix.
     4. CoMe-P builds one candidate layer and evaluates it from the cached hidden state; no model deep copies.
-    5. When every window is blocked by the no-remerge rule, we warn and allow re-merging (authors: window 0, silently).
+    5. When every window is blocked by the no-remerge rule, we say so, record it and re-merge (authors: window 0).
     6. Per-layer config fields (layer_types, max_window_layers) are rebuilt, so saved models reload on transformers 5.
     7. Statistics are running fp32 sums captured by hooks; activations are never copied or stored per token.
     8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (SPEC §7).
