@@ -1873,6 +1873,8 @@ def prune(job: Job, model) -> None:
     t0, extra = time.perf_counter(), {}
     if job.method in ("come", "come-p", "come+") and not job.plan_in:      # [OURS] resumable after every step
         progress = progress_file(job.save)
+        if progress.is_file() and not job.args.resume:
+            log(f"an unfinished run left {progress.parent}; starting over (--resume would continue it)")
         extra = {"on_step": lambda merge: write_progress(progress, {**job_identity(job), "merge": merge}),
                  "resume": read_progress(progress, job) if job.args.resume else None}
     if job.plan_in:
