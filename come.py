@@ -627,8 +627,8 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         # Alg.1 step 4: window <- argmin SBI
         start = select_window(sbi, tree, span, cfg.allow_remerge)
         window = list(range(start, start + span))
-        att, ffn = window_channel_scores(layers, activity, window, shape)
-        sources = [layer_state(layers[i]) for i in window]
+        sources = [layer_state(layers[i]) for i in window]      # read once (offloaded weights come from the host)
+        att, ffn = window_channel_scores(sources, activity, window, shape)
         search = None
         if cfg.method == "come-p":
             # Alg.2 step 4: the ratio is the one with the lowest calibration NLL on the grid
@@ -671,12 +671,12 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
     return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
 
 
-def window_channel_scores(layers, activity, window, shape: AttnShape) -> tuple[list, list]:
-    """(S_att, S_ffn) of every layer of the window, from this step's statistics (SPEC §4.1)."""
-    w = {i: layer_state(layers[i]) for i in window}
-    att = [kv_group_scores(activity[i].attn, activity[i].tokens, w[i]["self_attn.o_proj.weight"], shape)
-           for i in window]
-    ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, w[i]["mlp.down_proj.weight"]) for i in window]
+def window_channel_scores(sources, activity, window, shape: AttnShape) -> tuple[list, list]:
+    """(S_att, S_ffn) of every layer of the window (state dicts `sources`), from this step's statistics (SPEC §4.1)."""
+    att = [kv_group_scores(activity[i].attn, activity[i].tokens, w["self_attn.o_proj.weight"], shape)
+           for i, w in zip(window, sources)]
+    ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, w["mlp.down_proj.weight"])
+           for i, w in zip(window, sources)]
     return att, ffn
 
 
@@ -745,8 +745,8 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
             best += [None]
             tried += [None]
             continue
-        att, ffn = window_channel_scores(layers, activity, window, shape)
-        sources = [layer_state(layers[i]) for i in window]
+        sources = [layer_state(layers[i]) for i in window]      # read once (offloaded weights come from the host)
+        att, ffn = window_channel_scores(sources, activity, window, shape)
         come = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, sum(len(tree[i]) for i in window))
         cands, nlls = [come] + [[float(i == k) for i in range(span)] for k in range(span)], []
         candidate = spare_layer(cache.model, l)    # one spare layer per window (a layer's attention type is its own)
@@ -1249,7 +1249,7 @@ def load_config(name: str, builtin: bool = False):
 
 
 def load_model(name: str, device: str, dtype: torch.dtype, offload: int = 0):
-    """Model and tokenizer on `device`; the last `offload` decoder layers stay on the host (on disk for a CPU run).
+    """The model on `device`; the last `offload` decoder layers stay on the host (on disk for a CPU run).
 
     Offloaded layers go through accelerate's device_map hooks: their weights are loaded onto `device` while they run
     (and by `materialized` when read); a merge turns them into ordinary layers on `device`.
@@ -1264,8 +1264,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, offload: int = 0):
         device_map = {f"model.{k}": device for k, _ in meta.model.named_children() if k != "layers"}
         device_map |= {f"model.layers.{i}": away if i >= n - offload else device for i in range(n)}
         kwargs = {"device_map": device_map | {"lm_head": device}, "offload_folder": str(cache_root() / "offload")}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
 
 def fingerprint(model) -> dict:
@@ -1845,7 +1844,7 @@ def dry_run(job: Job) -> dict:
 
 def load(job: Job):
     """Weights, evaluation tokens, and the dense model's evaluation (cached across runs)."""
-    model, _ = load_model(job.args.model, job.args.device, job.dtype, job.memory["offload_layers"])
+    model = load_model(job.args.model, job.args.device, job.dtype, job.memory["offload_layers"])
     log(f"model: {job.args.model} ({job.config.model_type}, {job.config.num_hidden_layers} layers, "
         f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
     job.ppl_ids = {src: ev.eval_tokens(src, job.tokenizer, job.args.seqlen) for src in job.settings.ppl}
@@ -1902,7 +1901,7 @@ def post_training(job: Job, model) -> None:
     source = args.train_data or job.calib
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
     train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.seqlen, args.seed, "training")
-    teacher, _ = load_model(args.model, args.device, job.dtype, job.memory["offload_layers"])   # the original model
+    teacher = load_model(args.model, args.device, job.dtype, job.memory["offload_layers"])   # the original model
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
                                                job.world), "peak_rss_gib": round(peak_rss_gib(), 3)}
     del teacher
