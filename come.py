@@ -35,6 +35,7 @@ Paper map
     --resume (plan written after every merge step)   -> come_prune(resume=, on_step=), write_progress
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
     sp --train-memory checkpoint|offload (FSDP2)     -> distill_step, offload_layers
+    --post-train best (a recipe that recovers)       -> TRAIN_RECIPES["best"], train_layers(targets "output")
     --offload-layers (device_map, weights off GPU)   -> load_model, materialized, spare_layer, apply_merge
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
@@ -852,6 +853,12 @@ def apply_plan(model, plan: dict) -> None:
 # INTERPRETATION: families other than Qwen3 use LLaMA-2-7b's list.
 MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
           "qwen3": [5e-4, 2.5e-4, 5e-5, 2.5e-5, 1e-5, 7.5e-6]}
+# Unset post-training flags: the paper's settings for --post-train sp|mp [PAPER], ours for --post-train best [OURS]
+# (README "Post-training that recovers": chosen on held-out training text, never on the test split).
+TRAIN_RECIPES = {"paper": {"train_samples": 256, "epochs": 1, "lr": 1e-5, "train_seqlen": None, "distill_loss": "kl",
+                           "distill_targets": "merged", "train_all": False},
+                 "best": {"train_samples": 256, "epochs": 1, "lr": 1e-4, "train_seqlen": 512, "distill_loss": "kl",
+                          "distill_targets": "output", "train_all": True}}
 
 
 @dataclasses.dataclass
@@ -864,6 +871,9 @@ class TrainConfig:
     mp_lrs: list[float] | None = None    # mp: shallow-to-deep list; None -> MP_LRS of the family
     loss: str = "kl"                     # "kl" on next-token distributions or "mse" on hidden states
     train_all: bool = False              # sp: train every decoder layer, not only the merged ones
+    targets: str = "merged"              # sp: loss at each merged layer's boundary [PAPER]; "output" [OURS]: final only
+    recipe: str = "paper"                # [OURS] "best": the settings of TRAIN_RECIPES["best"] (--post-train best)
+    seqlen: int | None = None            # [OURS] training window (None: the calibration --seqlen)
     weight_decay: float = 1e-2           # AdamW [PAPER]
     kl_chunk: int = 256                  # tokens per KL chunk: memory ~ chunk x vocabulary
     loss_windows: int = 4                # first training windows on which the loss per layer is reported
@@ -1024,14 +1034,16 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
     Returns per layer the loss before, after in fp32, and after the cast to `dtype` (the weights as saved).
     """
     layers = decoder_layers(student)
-    boundaries = {spans[j][1] + 1 for j in js} | ({spans[j][0] for j in js} if tc.mode == "mp" else {0})
+    # [OURS] targets "output": one loss, at the last layer's output, for every trained layer
+    at = [len(layers) - 1] if tc.targets == "output" else js
+    boundaries = {spans[j][1] + 1 for j in at} | ({spans[j][0] for j in at} if tc.mode == "mp" else {0})
 
     def losses() -> dict[int, float]:
-        sums, batches = {j: 0.0 for j in js}, ids[:tc.loss_windows].split(tc.batch_size)
+        sums, batches = {j: 0.0 for j in at}, ids[:tc.loss_windows].split(tc.batch_size)
         with torch.no_grad():
             for batch in batches:
                 states, kwargs = teacher_states(teacher, batch, boundaries)
-                for j, v in distill_step(student, teacher, states, kwargs, spans, js, tc).items():
+                for j, v in distill_step(student, teacher, states, kwargs, spans, at, tc).items():
                     sums[j] += v / len(batches)
         return sums
 
@@ -1050,7 +1062,7 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
             # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
             states, kwargs = teacher_states(teacher, ids[batch], boundaries)
             # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
-            step_loss = sum(distill_step(student, teacher, states, kwargs, spans, js, tc).values())
+            step_loss = sum(distill_step(student, teacher, states, kwargs, spans, at, tc).values())
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -1068,13 +1080,13 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
     if templates and templates["own_group"]:
         torch.distributed.destroy_process_group()
     after = losses() if dtype != torch.float32 else after_fp32
-    for j in js:
+    for j in at:
         if after[j] - after_fp32[j] > 0.5 * (before[j] - after_fp32[j]) > 0:
             warnings.warn(f"layer {j}: the cast to {dtype} undoes more than half of post-training's gain (loss "
                           f"{before[j]:.4g} -> {after_fp32[j]:.4g} in fp32, {after[j]:.4g} as saved); "
                           "keep it with --save-dtype float32 or train longer / with a larger learning rate")
-    return [{"layer": j, "original_span": list(spans[j]), "lr": lr_of[j], "loss_before": before[j],
-             "loss_after_fp32": after_fp32[j], "loss_after": after[j]} for j in js]
+    return [{"layer": j, "original_span": list(spans[j]), "lr": lr_of[js[0]], "loss_before": before[j],
+             "loss_after_fp32": after_fp32[j], "loss_after": after[j]} for j in at]
 
 
 # ============================================================================ baselines (SPEC §13)
@@ -1460,6 +1472,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     if tc:
         n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
         live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
+        seqlen = tc.seqlen or seqlen                                  # the training window
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
         student = weights + merged if mapped else (total - (L - target) * per_layer) * e - \
             max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
@@ -1540,16 +1553,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate the dense model with the same settings (cached) to report retention")
     g = ap.add_argument_group("post-training")
-    g.add_argument("--post-train", choices=("none", "sp", "mp"), default="none",
-                    help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able)")
+    g.add_argument("--post-train", choices=("none", "sp", "mp", "best"), default="none",
+                    help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able), "
+                         "best (our recipe, the defaults below marked best:) [ours]")
     g.add_argument("--train-data", help="training text, same choices as --calib (default: the calibration source)")
-    g.add_argument("--train-samples", type=int, default=256, help="training rows (default 256)")
-    g.add_argument("--epochs", type=int, default=1, help="post-training epochs (default 1)")
-    g.add_argument("--lr", type=float, default=1e-5, help="sp learning rate (default 1e-5)")
+    for flag, kind, text in (("--train-samples", int, "training rows"), ("--epochs", int, "post-training epochs"),
+                             ("--lr", float, "sp learning rate"), ("--train-seqlen", int, "training window")):
+        key = flag[2:].replace("-", "_")
+        g.add_argument(flag, type=kind, help=f"{text} (default {TRAIN_RECIPES['paper'][key] or '--seqlen'}; "
+                                             f"best: {TRAIN_RECIPES['best'][key]})")
     g.add_argument("--mp-lrs", type=positive_list, help="mp learning rates, shallow to deep, comma-separated "
                                                          "(default: the paper's, interpolated to the merged layers)")
-    g.add_argument("--distill-loss", choices=("kl", "mse"), default="kl", help="kl (default) or mse")
-    g.add_argument("--train-all", action="store_true", help="sp: train every decoder layer, not only merged ones")
+    g.add_argument("--distill-loss", choices=("kl", "mse"), help="kl (default) or mse")
+    g.add_argument("--distill-targets", choices=("merged", "output"), help="sp: loss at every merged layer's "
+                   "boundary (merged, the paper) or at the model's output only (output; best) [ours]")
+    g.add_argument("--train-all", action=argparse.BooleanOptionalAction, help="sp: train every decoder layer, not "
+                   "only merged ones (best: on)")
     g.add_argument("--train-memory", choices=("auto", "plain", "checkpoint", "offload"), default="auto",
                    help="sp: plain, checkpoint (recompute activations in backward), or offload (also the trained "
                         "layers' fp32 weights, gradients and AdamW state to the host, torch FSDP2); auto: the first "
@@ -1606,14 +1625,21 @@ def validate(args, ap) -> None:
     if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
     if args.post_train != "none":
+        # [OURS] unset post-training flags take the recipe's value: the paper's for sp / mp, ours for best
+        for key, value in TRAIN_RECIPES["best" if args.post_train == "best" else "paper"].items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
         if args.compare:     # a method that drops layers is refused in run(), for --apply-plan plans too
             ap.error("--post-train trains one pruned model: it does not combine with --compare")
-        if args.epochs < 1 or args.train_samples < 1 or args.lr <= 0 or args.batch_size < 1:
-            ap.error("--epochs, --train-samples, --lr and --batch-size must be positive")
+        if args.epochs < 1 or args.train_samples < 1 or args.lr <= 0 or args.batch_size < 1 or \
+                (args.train_seqlen or 2) < 2:
+            ap.error("--epochs, --train-samples, --lr, --train-seqlen and --batch-size must be positive")
         if args.train_memory not in ("auto", "plain") and args.post_train == "mp":
             ap.error("--train-memory checkpoint/offload applies to sp; mp already trains one layer at a time")
         if args.train_all and args.post_train == "mp":
             ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
+        if args.distill_targets == "output" and args.post_train == "mp":
+            ap.error("--distill-targets output applies to sp: mp trains each merged layer on its own boundary")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
         ap.error("torchrun runs several processes only for --post-train mp")
     if args.device.startswith("cuda") and not torch.cuda.is_available() and not (args.dry_run and args.gpu_gib):
@@ -1754,8 +1780,10 @@ def prepare(args) -> Job:
     cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    tc = TrainConfig(mode=args.post_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     mp_lrs=args.mp_lrs, loss=args.distill_loss, train_all=args.train_all, seed=args.seed,
+    tc = TrainConfig(mode="sp" if args.post_train == "best" else args.post_train, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, mp_lrs=args.mp_lrs, loss=args.distill_loss,
+                     train_all=args.train_all, targets=args.distill_targets, seed=args.seed,
+                     recipe="best" if args.post_train == "best" else "paper", seqlen=args.train_seqlen,
                      save_dtype=None if args.save_dtype == "auto" else args.save_dtype,
                      memory="plain" if args.post_train == "mp" else args.train_memory) \
         if args.post_train != "none" else None
@@ -1900,7 +1928,8 @@ def post_training(job: Job, model) -> None:
     args = job.args
     source = args.train_data or job.calib
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
-    train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.seqlen, args.seed, "training")
+    train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.train_seqlen or args.seqlen,
+                                       args.seed, "training")
     teacher = load_model(args.model, args.device, job.dtype, job.memory["offload_layers"])   # the original model
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
                                                job.world), "peak_rss_gib": round(peak_rss_gib(), 3)}
@@ -1948,29 +1977,8 @@ def save_and_report(job: Job, model) -> dict:
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=1))
-    for step_no, step in enumerate(merge["steps"], 1):
-        print(f"step {step_no:2d}: {describe_step(step)}")
-    if pruned:
-        print(ev.results_table(dense, pruned, trained))
-    parts = [f"{job.method}: {L} -> {summary['layers_after']} layers", f"sparsity {summary['sparsity']:.3f}"]
-    parts += [f"PPL {s} " + (f"{dense['ppl'][s]['ppl']:.2f} -> " if dense else "") + f"{r['ppl']:.2f}"
-              + (f" -> {trained['ppl'][s]['ppl']:.2f} ({args.post_train})" if trained else "")
-              for s, r in (pruned or {"ppl": {}})["ppl"].items()]
-    parts += [f"pruning {f['prune_seconds']:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
-    if post:
-        parts.append(f"post-training {post['seconds']:.1f}s (peak RSS {post['peak_rss_gib']:.2f} GiB)")
-    parts.append(f"saved to {job.save}")
-    print(", ".join(parts))
+    ev.print_report(job, summary)
     return {**plan, "results": results}
-
-
-def describe_step(step: dict) -> str:
-    if step["op"] == "drop":
-        return f"dropped original layer {step['original']}"
-    return f"{step['op']} of original layers {step['spans']}, " + \
-        (f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC")
-
-
 
 
 if __name__ == "__main__":

@@ -413,6 +413,31 @@ def results_table(dense: dict | None, pruned: dict, trained: dict | None = None)
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def describe_step(step: dict) -> str:
+    if step["op"] == "drop":
+        return f"dropped original layer {step['original']}"
+    return f"{step['op']} of original layers {step['spans']}, " + \
+        (f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC")
+
+
+def print_report(job, summary: dict) -> None:
+    """The end of a run: every merge step, the dense / pruned (/ post-trained) table and a one-line summary."""
+    dense, pruned, trained = (job.results.get(k) for k in ("dense", "pruned", "post_trained"))
+    for step_no, step in enumerate(job.merge["steps"], 1):
+        print(f"step {step_no:2d}: {describe_step(step)}")
+    if pruned:
+        print(results_table(dense, pruned, trained))
+    parts = [f"{job.method}: {summary['layers_before']} -> {summary['layers_after']} layers",
+             f"sparsity {summary['sparsity']:.3f}"]
+    parts += [f"PPL {s} " + (f"{dense['ppl'][s]['ppl']:.2f} -> " if dense else "") + f"{r['ppl']:.2f}"
+              + (f" -> {trained['ppl'][s]['ppl']:.2f} ({job.args.post_train})" if trained else "")
+              for s, r in (pruned or {"ppl": {}})["ppl"].items()]
+    parts += [f"pruning {summary['prune_seconds']:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
+    if job.post:
+        parts.append(f"post-training {job.post['seconds']:.1f}s (peak RSS {job.post['peak_rss_gib']:.2f} GiB)")
+    print(", ".join(parts + [f"saved to {job.save}"]))
+
+
 # ============================================================================ --compare report
 def compare(job, base) -> dict:
     """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.

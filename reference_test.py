@@ -806,6 +806,36 @@ def test_post_train_changes_only_trained_layers_and_lowers_their_loss(mode, trai
     assert report["steps"] == 12 and report["tokens"] == ids.numel()
 
 
+@pytest.mark.parametrize("mode,loss,targets", [("mp", "kl", "merged"), ("mp", "mse", "merged"),
+                                               ("sp", "kl", "merged"), ("sp", "mse", "merged"),
+                                               ("sp", "kl", "output"), ("sp", "mse", "output")])
+def test_one_post_training_step_lowers_the_distillation_loss(mode, loss, targets):
+    """One AdamW step on one batch, every loss, mode and target: the loss on that batch goes down."""
+    teacher, student, tree, ids = pruned_pair()
+    tc = come.TrainConfig(mode=mode, epochs=1, batch_size=2, loss_windows=2, lr=1e-3, mp_lrs=[1e-3], loss=loss,
+                          targets=targets, train_all=targets == "output")
+    rows = come.post_train(student, teacher, tree, ids[:2], tc)["layers"]
+    assert rows and all(r["loss_after"] < r["loss_before"] for r in rows)
+
+
+def test_output_target_is_the_kl_of_the_final_logits_and_trains_every_layer():
+    """Oracle: KL(p_T || p_S) of the stock HF logits of both models; --train-all moves every decoder layer."""
+    teacher, student, tree, ids = pruned_pair()
+    before = copy.deepcopy(student.state_dict())
+    with torch.no_grad():
+        log_t = teacher(ids[:2]).logits.log_softmax(-1)
+        log_s = student(ids[:2]).logits.log_softmax(-1)
+    want = (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+    tc = come.TrainConfig(mode="sp", epochs=2, batch_size=2, loss_windows=2, lr=1e-3, targets="output", train_all=True)
+    rows = come.post_train(student, teacher, tree, ids[:4], tc)["layers"]
+    assert [r["layer"] for r in rows] == [len(tree) - 1]
+    assert rows[0]["loss_before"] == pytest.approx(want, rel=1e-4)
+    changed = {int(k.split(".")[2]) for k, v in student.state_dict().items()
+               if k.startswith("model.layers.") and not torch.equal(v, before[k])}
+    assert changed == set(range(len(tree)))
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items() if not k.startswith("model.layers."))
+
+
 def test_post_train_bf16_student_trains_fp32_weights_and_returns_bf16(monkeypatch):
     """A 1e-5 AdamW step applied to bf16 weights is mostly rounded away: the optimizer must hold fp32 copies."""
     teacher, student, tree, ids = pruned_pair()
@@ -843,6 +873,33 @@ def test_cli_post_train_records_settings_and_losses(tiny_folder, calib_txt, tmp_
     ppl = {phase: saved[phase]["ppl"][str(calib_txt)]["ppl"] for phase in ("pruned", "post_trained")}
     assert come_eval.perplexity(reloaded, ids, 32)["ppl"] == pytest.approx(ppl["post_trained"], rel=1e-6)
     assert ppl["post_trained"] != pytest.approx(ppl["pruned"], rel=1e-3)      # the saved model is the trained one
+
+
+def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, tmp_path):
+    """--post-train best fills the unset flags from the recipe, keeps explicit ones, records every setting; pruning
+    and post-training again from the written plan rebuilds the same weights."""
+    folder = tiny_folder("llama-gqa")
+    common = ["--model", folder, "--calib", calib_txt, "--seqlen", 32, "--eval-ppl", "none", "--post-train", "best",
+              "--train-samples", 64, "--train-seqlen", 16, "--batch-size", 2]
+    plan = cli(*common, "--target-layers", 4, "--save", tmp_path / "a")
+    settings = plan["post_training"]["settings"]
+    best = come.TRAIN_RECIPES["best"]
+    assert settings["recipe"] == "best" and settings["mode"] == "sp" and settings["seqlen"] == 16
+    assert settings["lr"] == best["lr"] and settings["epochs"] == best["epochs"]
+    assert settings["targets"] == best["distill_targets"] and settings["train_all"] == best["train_all"]
+    assert settings["loss"] == best["distill_loss"] and plan["post_training"]["tokens"] % 16 == 0
+    replay = cli(*common, "--apply-plan", tmp_path / "a" / "come_plan.json", "--save", tmp_path / "b")
+    assert replay["post_training"]["settings"] == settings
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pruned = cli("--model", folder, "--calib", calib_txt, "--seqlen", 32, "--eval-ppl", "none",
+                 "--apply-plan", tmp_path / "a" / "come_plan.json", "--save", tmp_path / "c")
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert pruned["post_training"] is None and any(not torch.equal(a[k], c[k]) for k in a)
+    paper = cli(*common[:8], "--post-train", "sp", "--lr", 2e-3, "--apply-plan", tmp_path / "a" / "come_plan.json",
+                "--save", tmp_path / "d")["post_training"]["settings"]
+    assert paper["recipe"] == "paper" and paper["lr"] == 2e-3 and paper["targets"] == "merged"
+    assert not paper["train_all"] and paper["seqlen"] is None
 
 
 def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_txt, tmp_path):
