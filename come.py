@@ -856,9 +856,9 @@ MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
 # Unset post-training flags: the paper's settings for --post-train sp|mp [PAPER], ours for --post-train best [OURS]
 # (README "Post-training that recovers": chosen on held-out training text, never on the test split).
 TRAIN_RECIPES = {"paper": {"train_samples": 256, "epochs": 1, "lr": 1e-5, "train_seqlen": None, "distill_loss": "kl",
-                           "distill_targets": "merged", "train_all": False},
-                 "best": {"train_samples": 256, "epochs": 1, "lr": 1e-4, "train_seqlen": 512, "distill_loss": "kl",
-                          "distill_targets": "output", "train_all": True}}
+                           "distill_targets": "merged", "train_all": False, "train_batch_size": None},
+                 "best": {"train_samples": 1024, "epochs": 1, "lr": 1e-4, "train_seqlen": 512, "distill_loss": "kl",
+                          "distill_targets": "output", "train_all": True, "train_batch_size": 1}}
 
 
 @dataclasses.dataclass
@@ -1549,7 +1549,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "hellaswag openbookqa piqa winogrande (0-shot) mmlu (5-shot)")
     g.add_argument("--task-path", help="folder of local lm-eval task YAMLs")
     g.add_argument("--limit", type=float, help="lm-eval: examples per task (int) or fraction (< 1)")
-    g.add_argument("--batch-size", type=int, default=1, help="lm-eval and post-training batch size (default 1)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="lm-eval batch size; post-training's too unless --train-batch-size (default 1)")
     g.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate the dense model with the same settings (cached) to report retention")
     g = ap.add_argument_group("post-training")
@@ -1557,10 +1558,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able), "
                          "best (our recipe, the defaults below marked best:) [ours]")
     g.add_argument("--train-data", help="training text, same choices as --calib (default: the calibration source)")
-    for flag, kind, text in (("--train-samples", int, "training rows"), ("--epochs", int, "post-training epochs"),
-                             ("--lr", float, "sp learning rate"), ("--train-seqlen", int, "training window")):
+    for flag, kind, text, fallback in (
+            ("--train-samples", int, "training rows", ""), ("--epochs", int, "post-training epochs", ""),
+            ("--lr", float, "sp learning rate", ""), ("--train-seqlen", int, "training window", "--seqlen"),
+            ("--train-batch-size", int, "training windows per step", "--batch-size")):
         key = flag[2:].replace("-", "_")
-        g.add_argument(flag, type=kind, help=f"{text} (default {TRAIN_RECIPES['paper'][key] or '--seqlen'}; "
+        g.add_argument(flag, type=kind, help=f"{text} (default {TRAIN_RECIPES['paper'][key] or fallback}; "
                                              f"best: {TRAIN_RECIPES['best'][key]})")
     g.add_argument("--mp-lrs", type=positive_list, help="mp learning rates, shallow to deep, comma-separated "
                                                          "(default: the paper's, interpolated to the merged layers)")
@@ -1631,9 +1634,10 @@ def validate(args, ap) -> None:
                 setattr(args, key, value)
         if args.compare:     # a method that drops layers is refused in run(), for --apply-plan plans too
             ap.error("--post-train trains one pruned model: it does not combine with --compare")
-        if args.epochs < 1 or args.train_samples < 1 or args.lr <= 0 or args.batch_size < 1 or \
+        args.train_batch_size = args.train_batch_size or args.batch_size
+        if min(args.epochs, args.train_samples, args.lr, args.train_batch_size, args.train_seqlen or 2) <= 0 or \
                 (args.train_seqlen or 2) < 2:
-            ap.error("--epochs, --train-samples, --lr, --train-seqlen and --batch-size must be positive")
+            ap.error("--epochs, --train-samples, --lr, --train-seqlen and --train-batch-size must be positive")
         if args.train_memory not in ("auto", "plain") and args.post_train == "mp":
             ap.error("--train-memory checkpoint/offload applies to sp; mp already trains one layer at a time")
         if args.train_all and args.post_train == "mp":
@@ -1781,7 +1785,7 @@ def prepare(args) -> Job:
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     tc = TrainConfig(mode="sp" if args.post_train == "best" else args.post_train, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr, mp_lrs=args.mp_lrs, loss=args.distill_loss,
+                     batch_size=args.train_batch_size, lr=args.lr, mp_lrs=args.mp_lrs, loss=args.distill_loss,
                      train_all=args.train_all, targets=args.distill_targets, seed=args.seed,
                      recipe="best" if args.post_train == "best" else "paper", seqlen=args.train_seqlen,
                      save_dtype=None if args.save_dtype == "auto" else args.save_dtype,

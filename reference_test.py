@@ -885,6 +885,7 @@ def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, t
     settings = plan["post_training"]["settings"]
     best = come.TRAIN_RECIPES["best"]
     assert settings["recipe"] == "best" and settings["mode"] == "sp" and settings["seqlen"] == 16
+    assert settings["batch_size"] == best["train_batch_size"] != 2        # the recipe's, not --batch-size's
     assert settings["lr"] == best["lr"] and settings["epochs"] == best["epochs"]
     assert settings["targets"] == best["distill_targets"] and settings["train_all"] == best["train_all"]
     assert settings["loss"] == best["distill_loss"] and plan["post_training"]["tokens"] % 16 == 0
