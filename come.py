@@ -1031,7 +1031,8 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
                  dtype: torch.dtype) -> list[dict]:
     """Steps 3-4 of Algorithms 3/4 for the student layers `js` (mp: one layer; sp: every trained layer, summed loss).
 
-    Returns per layer the loss before, after in fp32, and after the cast to `dtype` (the weights as saved).
+    Returns per loss position (each layer in `js`; with tc.targets "output" [OURS] only the last layer) the loss
+    before, after in fp32, and after the cast to `dtype` (the weights as saved).
     """
     layers = decoder_layers(student)
     # [OURS] targets "output": one loss, at the last layer's output, for every trained layer
