@@ -1,0 +1,36 @@
+"""Write held-out selection text: wiki-offline training rows that no calibration or training run reads.
+
+    python benchmarks/heldout_text.py --first -160 --out /tmp/heldout-post.txt        # post-training selection
+    python benchmarks/heldout_text.py --first 256 --rows 128 --out /tmp/heldout.txt    # come+ selection
+
+Rows are the training split shuffled with the calibration seed, as `--calib wiki-offline` shuffles them; calibration
+takes the first `--nsamples` rows and post-training the first `--train-samples`, so rows from 256 on (come+, 64
+calibration rows) and the last 160 (post-training reads at most 1,024) are never seen. The rows are joined with
+blank lines; use the file as `--eval-ppl FILE` (a .txt file is tokenized as it is).
+"""
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import come_eval  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--first", type=int, required=True, help="index of the first row (negative: from the end)")
+    ap.add_argument("--rows", type=int, help="number of rows (default: to the end)")
+    ap.add_argument("--seed", type=int, default=10, help="the calibration seed (default 10)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows = come_eval.text_rows("wiki-offline", "train")
+    random.Random(args.seed).shuffle(rows)
+    start = args.first % len(rows)
+    chosen = rows[start:start + args.rows if args.rows else None]
+    Path(args.out).write_text("\n\n".join(chosen))
+    print(f"{len(chosen)} rows ({start}..{start + len(chosen) - 1} of {len(rows)}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
