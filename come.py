@@ -1635,8 +1635,8 @@ def validate(args, ap) -> None:
                 setattr(args, key, value)
         if args.compare:     # a method that drops layers is refused in run(), for --apply-plan plans too
             ap.error("--post-train trains one pruned model: it does not combine with --compare")
-        args.train_batch_size = args.train_batch_size or args.batch_size
-        if min(args.epochs, args.train_samples, args.lr, args.train_batch_size, args.train_seqlen or 2) <= 0 or \
+        args.train_batch_size = args.batch_size if args.train_batch_size is None else args.train_batch_size
+        if min(args.epochs, args.train_samples, args.train_batch_size) < 1 or args.lr <= 0 or \
                 (args.train_seqlen or 2) < 2:
             ap.error("--epochs, --train-samples, --lr, --train-seqlen and --train-batch-size must be positive")
         if args.train_memory not in ("auto", "plain") and args.post_train == "mp":

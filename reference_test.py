@@ -940,6 +940,9 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
     (["--post-train", "mp", "--train-all"], "--train-all applies to sp"),
     (["--post-train", "mp", "--mp-lrs", "1e-4,x"], "--mp-lrs"),
     (["--post-train", "sp", "--epochs", "0"], "must be positive"),
+    (["--post-train", "best", "--train-seqlen", "1"], "must be positive"),
+    (["--post-train", "best", "--train-batch-size", "0"], "must be positive"),
+    (["--post-train", "mp", "--distill-targets", "output"], "applies to sp"),
 ])
 def test_bad_post_training_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
