@@ -143,6 +143,13 @@ def text_rows(source: str, split: str) -> list[str]:
     return [path.read_text(encoding="utf-8")]
 
 
+def shuffled_rows(source: str, seed: int) -> list[str]:
+    """The training rows of a row source in the order calibration and post-training take them (seeded shuffle)."""
+    rows = text_rows(source, "train")
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
                         what: str = "calibration") -> torch.Tensor:
     """Calibration token windows, shape (n, seqlen) [CODE semantics for row sources, SPEC §11].
@@ -151,11 +158,11 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
     `seqlen` windows (tail dropped; fewer tokens than one window -> one shorter window). A .txt file is used
     as-is: tokenized once and cut, no shuffling, every window kept.
     """
-    rows = text_rows(source, "train")
-    if not source.endswith(".txt"):
+    if source.endswith(".txt"):
+        rows = text_rows(source, "train")
+    else:
         # INTERPRETATION: every row source (c4, pg19, .jsonl, wiki-offline) follows the authors' wikitext2 recipe.
-        random.Random(seed).shuffle(rows)
-        rows = rows[:nsamples]
+        rows = shuffled_rows(source, seed)[:nsamples]
     ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
     if ids.numel() < 16:
         raise ComeError(f"{what} text from '{source}' has only {ids.numel()} tokens; at least 16 are needed "

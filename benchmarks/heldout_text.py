@@ -3,13 +3,12 @@
     python benchmarks/heldout_text.py --first -160 --out /tmp/heldout-post.txt        # post-training selection
     python benchmarks/heldout_text.py --first 256 --rows 128 --out /tmp/heldout.txt    # come+ selection
 
-Rows are the training split shuffled with the calibration seed, as `--calib wiki-offline` shuffles them; calibration
+Rows are the training split in the seeded order calibration takes them (`come_eval.shuffled_rows`); calibration
 takes the first `--nsamples` rows and post-training the first `--train-samples`, so rows from 256 on (come+, 64
 calibration rows) and the last 160 (post-training reads at most 1,024) are never seen. The rows are joined with
 blank lines; use the file as `--eval-ppl FILE` (a .txt file is tokenized as it is).
 """
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -24,8 +23,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=10, help="the calibration seed (default 10)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    rows = come_eval.text_rows("wiki-offline", "train")
-    random.Random(args.seed).shuffle(rows)
+    rows = come_eval.shuffled_rows("wiki-offline", args.seed)
     start = args.first % len(rows)
     chosen = rows[start:start + args.rows if args.rows else None]
     Path(args.out).write_text("\n\n".join(chosen))
