@@ -1637,7 +1637,7 @@ def validate(args, ap) -> None:
             ap.error("--post-train trains one pruned model: it does not combine with --compare")
         args.train_batch_size = args.batch_size if args.train_batch_size is None else args.train_batch_size
         if min(args.epochs, args.train_samples, args.train_batch_size) < 1 or args.lr <= 0 or \
-                (args.train_seqlen or 2) < 2:
+                (args.train_seqlen is not None and args.train_seqlen < 2):
             ap.error("--epochs, --train-samples, --lr, --train-seqlen and --train-batch-size must be positive")
         if args.train_memory not in ("auto", "plain") and args.post_train == "mp":
             ap.error("--train-memory checkpoint/offload applies to sp; mp already trains one layer at a time")

@@ -941,6 +941,7 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
     (["--post-train", "mp", "--mp-lrs", "1e-4,x"], "--mp-lrs"),
     (["--post-train", "sp", "--epochs", "0"], "must be positive"),
     (["--post-train", "best", "--train-seqlen", "1"], "must be positive"),
+    (["--post-train", "best", "--train-seqlen", "0"], "must be positive"),
     (["--post-train", "best", "--train-batch-size", "0"], "must be positive"),
     (["--post-train", "mp", "--distill-targets", "output"], "applies to sp"),
 ])
