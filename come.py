@@ -28,7 +28,7 @@ Paper map
   [OURS] beyond the paper, each behind a named option (README "come+" and "Paper scale"):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
-    --repair lstsq|scale (closed-form refit)         -> refit_down_proj
+    --repair lstsq|scale, --repair-alpha auto        -> refit_down_proj (auto: leave-one-window-out alpha)
     --method come+ (the best combination of these)   -> come_plus
     --tasks offline (held-out 4-way accuracy suite)  -> come_eval.py: offline_suite_items, offline_suite_folder
     memory plan, --dry-run, cache placement          -> memory_plan, plan_memory; HiddenStates(placement="disk")
@@ -92,7 +92,7 @@ class ComeConfig:
     granularity: int = 20                # CoMe-P ratio grid {0, 1/G, ..., 1}
     fold_norms: bool = False             # [OURS] fold source RMSNorm weights into the kept rows
     repair: str = "none"                 # [OURS] "none", "lstsq" (ridge refit of down_proj) or "scale" (per channel)
-    repair_alpha: float = 1e-3           # [OURS] ridge strength, relative to the mean diagonal of Z^T Z
+    repair_alpha: float | str = 1e-3     # [OURS] ridge strength, relative to the mean diagonal of Z^T Z, or "auto"
     repair_target: str = "window"        # [OURS] "window": the window's output; "dense": the original model's
 
     def tokens_for_sbi(self) -> str:
@@ -368,8 +368,7 @@ def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chun
     head = model.get_output_embeddings()
     dev = _device_of(head)
     hidden, ids = hidden.to(dev), ids.to(dev)
-    if not normed:
-        hidden = model.model.norm(hidden)
+    hidden = hidden if normed else model.model.norm(hidden)
     total, T = 0.0, ids.shape[1]
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
@@ -767,8 +766,12 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
     return scores, best, tried
 
 
+# [OURS] --repair-alpha auto: the ridge strengths that the leave-one-window-out cross-validation chooses from
+REPAIR_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
 def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind: str,
-                    alpha: float) -> tuple[torch.Tensor, dict]:
+                    alpha: float | str) -> tuple[torch.Tensor, dict]:
     """[OURS] --repair: closed-form, ridge-regularised refit of the down_proj of layer `index` on calibration tokens.
 
     The layer computes out = u + W z (+ b), u = its input plus the attention update (the input of
@@ -776,24 +779,19 @@ def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind
     merge), W minimises sum_t ||y_t - u_t - b - W z_t||^2 + lam ||W - W_0||^2, lam = alpha * mean(diag(Z^T Z)):
     W = (C + lam W_0)(G + lam I)^-1, G = Z^T Z, C = (Y - U - b)^T Z, accumulated as running float64 sums.
     kind "scale": W = diag(s) W_0 with s_c = (<r_c, m_c> + mu) / (||m_c||^2 + mu), m = W_0 z, mu = alpha mean ||m_c||^2.
+    alpha "auto": each alpha of REPAIR_ALPHAS is fitted without one calibration window and scored on it (a second
+    pass per window, sums only); the lowest held-out residual summed over the windows wins.
     Returns the new weight (in the layer's dtype) and the relative calibration residual before and after.
     """
-    layer = decoder_layers(cache.model)[index]
-    down, seen = layer.mlp.down_proj, {}
+    layer, seen = decoder_layers(cache.model)[index], {}
+    down = layer.mlp.down_proj
     dev, d_ff, d = down.weight.device, down.in_features, down.out_features
-    G = torch.zeros(d_ff, d_ff, dtype=torch.float64, device=dev)
-    C = torch.zeros(d, d_ff, dtype=torch.float64, device=dev)
-    rr = torch.zeros((), dtype=torch.float64, device=dev)
+    W0 = down.weight.detach().double()
 
-    def keep(name):
-        def hook(module, args) -> None:
-            seen[name] = args[0]
-        return hook
-    handles = [layer.post_attention_layernorm.register_forward_pre_hook(keep("u")),
-               down.register_forward_pre_hook(keep("z"))]
-    try:
+    def sums(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:     # G, C, ||R||^2 over calibration windows
+        G, C, rr = (torch.zeros(size, dtype=torch.float64, device=dev) for size in ((d_ff, d_ff), (d, d_ff), ()))
         with torch.inference_mode():
-            for i in range(targets.shape[0]):
+            for i in rows:
                 cache.run_layer(layer, index, cache.states[index][i:i + 1])
                 z = seen["z"].reshape(-1, d_ff).double()
                 r = targets[i].to(dev).reshape(-1, d).double() - seen["u"].reshape(-1, d).double()
@@ -801,24 +799,44 @@ def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind
                 G += z.T @ z
                 C += r.T @ z
                 rr += (r * r).sum()
+        return G, C, rr
+
+    def fit(G, C, a: float) -> torch.Tensor:
+        if kind == "lstsq":
+            A, lam = G.clone(), a * G.diagonal().mean()
+            A.diagonal().add_(lam)
+            return torch.linalg.solve(A, (C + lam * W0).T).T
+        if kind == "scale":
+            m2, rm = ((W0 @ G) * W0).sum(1), (C * W0).sum(1)
+            return ((rm + a * m2.mean()) / (m2 + a * m2.mean()))[:, None] * W0
+        raise ComeError(f"unknown repair '{kind}' (lstsq or scale)")
+
+    def residual(w, G, C, rr) -> torch.Tensor:      # ||R - Z w^T||^2 from the running sums
+        return rr - 2 * (w * C).sum() + ((w @ G) * w).sum()
+
+    handles = [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("u", a[0])),
+               down.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))]
+    try:
+        n, info = targets.shape[0], {}
+        G, C, rr = sums(range(n))
+        if alpha == "auto":
+            if n < 2:
+                raise ComeError("--repair-alpha auto holds out one calibration window at a time: it needs at least "
+                                "2 windows (raise --nsamples)")
+            held = torch.zeros(len(REPAIR_ALPHAS), dtype=torch.float64, device=dev)
+            for i in range(n):
+                Gi, Ci, rri = sums([i])
+                for k, a in enumerate(REPAIR_ALPHAS):
+                    held[k] += residual(fit(G - Gi, C - Ci, a), Gi, Ci, rri)
+            alpha = REPAIR_ALPHAS[int(held.argmin())]
+            info["held_out_residual"] = dict(zip(map(str, REPAIR_ALPHAS), (held / rr).tolist()))
     finally:
         for h in handles:
             h.remove()
-    W0 = down.weight.detach().double()
-    if kind == "lstsq":
-        lam = alpha * G.diagonal().mean()
-        W = torch.linalg.solve(G + lam * torch.eye(d_ff, dtype=G.dtype, device=dev), (C + lam * W0).T).T
-    elif kind == "scale":
-        m2, rm = ((W0 @ G) * W0).sum(1), (C * W0).sum(1)
-        mu = alpha * m2.mean()
-        W = ((rm + mu) / (m2 + mu))[:, None] * W0
-    else:
-        raise ComeError(f"unknown repair '{kind}' (lstsq or scale)")
-
-    def residual(w):    # ||R - Z w^T||^2 / ||R||^2 from the running sums
-        return ((rr - 2 * (w * C).sum() + ((w @ G) * w).sum()) / rr).item()
-    return W.to(down.weight.dtype), {"kind": kind, "alpha": alpha, "residual_before": residual(W0),
-                                     "residual_after": residual(W)}
+    W = fit(G, C, alpha)
+    before, after = ((residual(w, G, C, rr) / rr).item() for w in (W0, W))
+    return W.to(down.weight.dtype), {"kind": kind, "alpha": alpha, "residual_before": before,
+                                     "residual_after": after, **info}
 
 
 def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | None = None) -> None:
@@ -1437,7 +1455,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     """[OURS] Peak GPU and host memory of each phase from the config alone, and the placements that fit `budget`.
 
     prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
-    one layer, the NLL chunk's logits, or a merge (merged and candidate layer, --repair's float64 sums).
+    one layer, the NLL chunk's logits, or a merge (merged and candidate layer, --repair's float64 sums and solve).
     post_train: teacher, student, the fp32 weights + gradient + AdamW moments of the layers training at once (mp: one,
     sp: every merged layer), their saved activations, the teacher's boundary states and the KL chunk.
     `models`: copies of the weights alive while pruning (--compare prunes a copy of the base model).
@@ -1459,7 +1477,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
     transient = {"one layer's activations": seqlen * (3 * f + 2 * d) * e, "NLL logits": 512 * V * 4 * 2,
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
-                 + (f * f + d * f) * 8 * repair}
+                 + (f * f * 3 + d * f * 5 + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8 * repair}
     phases, runtime = {}, RUNTIME_GIB * GIB
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:
         parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
@@ -1529,7 +1547,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair", choices=("none", "lstsq", "scale"), default="none",
                     help="refit each merged layer's down_proj to the window's output: lstsq (ridge) or scale "
                          "(per channel) [ours]")
-    g.add_argument("--repair-alpha", type=float, default=1e-3, help="ridge strength of --repair (default 1e-3)")
+    g.add_argument("--repair-alpha", type=ridge_alpha, default=1e-3,
+                   help="ridge strength of --repair (default 1e-3), or auto: chosen per step by leave-one-window-out")
     g.add_argument("--repair-target", choices=("window", "dense"), default="window",
                     help="what --repair matches: the merged window's output (default) or the original model's state "
                          "leaving the merged layers' original span (keeps a copy of the dense states) [ours]")
@@ -1620,8 +1639,6 @@ def validate(args, ap) -> None:
         ap.error("--span must be at least 2")
     if "come-p" in (args.compare or args.method).split(",") and span_for("come-p", args.span) != 2:
         ap.error("come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
-    if not args.repair_alpha > 0:
-        ap.error("--repair-alpha must be positive")
     methods = args.compare.split(",") if args.compare else [args.method]
     if (args.repair != "none" or args.skip_score == "merge") and not set(methods) <= {"come", "come-p", "come+",
                                                                                        "come-fold"}:
@@ -1666,6 +1683,14 @@ def positive_list(text: str) -> list[float]:
     if not all(v > 0 for v in values):
         raise ValueError(text)
     return values
+
+
+def ridge_alpha(text: str) -> float | str:
+    """argparse type of --repair-alpha: a positive number or auto."""
+    with contextlib.suppress(ValueError):
+        if text == "auto" or float(text) > 0:
+            return text if text == "auto" else float(text)
+    raise argparse.ArgumentTypeError(f"must be a positive number or auto, not '{text}'")
 
 
 def distributed(device: str) -> tuple[int, int, str]:
@@ -1845,26 +1870,12 @@ def plan_memory(job: Job) -> dict:
         hints += ["--dtype bfloat16 halves weights and states"] if job.dtype == torch.float32 else []
         plan["hints"] = hints + ["fewer --nsamples, a shorter --seqlen or a smaller --batch-size shrink the "
                                  "calibration and activations", "a machine with more memory"]
-    (print if args.dry_run else log)(describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
+    (print if args.dry_run else log)(ev.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
                                                            f"{windows} calibration windows of {seqlen}"))
     if plan["problems"] and not args.dry_run:
         raise ComeError("this run does not fit: " + "; ".join(plan["problems"]) + ". What helps: "
                         + "; ".join(plan["hints"]))
     return plan
-
-
-def describe_memory(plan: dict, what: str) -> str:
-    budget = plan["budget_gib"]
-    lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
-             f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
-                                           else "") + (f"; {plan['offload_layers']} layers offloaded"
-                                                       if plan.get("offload_layers") else "") + "):"]
-    for phase, v in plan["memory"].items():
-        parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
-        lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("
-                     + ", ".join(f"{k} {x / GIB:.2f}" for k, x in parts) + ")")
-    return "\n".join(lines + [f"  does not fit: {p}" for p in plan["problems"]] +
-                     ([f"  what helps: {'; '.join(plan['hints'])}"] if plan["problems"] else []))
 
 
 def dry_run(job: Job) -> dict:
@@ -1895,9 +1906,8 @@ def load(job: Job):
 
 
 def _evaluate(job: Job, model, label: str) -> dict | None:
-    if job.rank == 0 and (job.settings.ppl or job.settings.tasks):
-        return ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, label)
-    return None
+    wanted = job.rank == 0 and (job.settings.ppl or job.settings.tasks)
+    return ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, label) if wanted else None
 
 
 def prune(job: Job, model) -> None:

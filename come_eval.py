@@ -420,6 +420,21 @@ def results_table(dense: dict | None, pruned: dict, trained: dict | None = None)
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def describe_memory(plan: dict, what: str) -> str:
+    """The memory plan of come.memory_plan as the lines come.py prints."""
+    budget = plan["budget_gib"]
+    lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
+             f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
+                                           else "") + (f"; {plan['offload_layers']} layers offloaded"
+                                                       if plan.get("offload_layers") else "") + "):"]
+    for phase, v in plan["memory"].items():
+        parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
+        lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("
+                     + ", ".join(f"{k} {x / 2**30:.2f}" for k, x in parts) + ")")
+    return "\n".join(lines + [f"  does not fit: {p}" for p in plan["problems"]] +
+                     ([f"  what helps: {'; '.join(plan['hints'])}"] if plan["problems"] else []))
+
+
 def describe_step(step: dict) -> str:
     if step["op"] == "drop":
         return f"dropped original layer {step['original']}"

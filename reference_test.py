@@ -470,6 +470,26 @@ def test_repair_lstsq_equals_literal_ridge_least_squares(alpha):
     assert info["residual_after"] == pytest.approx(after.item(), rel=1e-4) and after < before
 
 
+def test_repair_alpha_auto_equals_leave_one_window_out_by_literal_least_squares():
+    cache, targets, U, Z, Y = repair_case(2)
+    W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
+    W, info = come.refit_down_proj(cache, 1, targets, "lstsq", "auto")
+    window = torch.arange(Z.shape[0]) // (Z.shape[0] // 3)     # calibration window of each token
+    R, held = Y - U, {}
+    for a in come.REPAIR_ALPHAS:    # oracle: refit from the tokens of the other windows, score on the held-out one
+        err = 0.0
+        for i in range(3):
+            fit = literal_ridge(Z[window != i], R[window != i], W0, a)
+            err += ((R[window == i] - Z[window == i] @ fit.T) ** 2).sum()
+        held[a] = (err / (R ** 2).sum()).item()
+    best = min(held, key=held.get)
+    assert info["alpha"] == best and len(set(held.values())) == len(held)
+    assert info["held_out_residual"] == pytest.approx({str(a): v for a, v in held.items()}, rel=1e-4)
+    assert torch.allclose(W.double(), literal_ridge(Z, R, W0, best), atol=1e-5, rtol=1e-4)
+    with pytest.raises(come.ComeError, match="at least 2 windows"):
+        come.refit_down_proj(cache, 1, targets[:1], "lstsq", "auto")
+
+
 def test_repair_dense_target_is_the_original_model_state_leaving_the_span():
     base = make_tiny("llama-gqa")
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -1356,7 +1376,8 @@ def expect_error(capsys, *args, match):
     (["--target-layers", "7"], "[1, 6]"), (["--target-layers", "0"], "[1, 6]"),
     (["--method", "sleb", "--repair", "lstsq"], "CoMe methods"), (["--compare", "come,sleb", "--skip-score", "merge"],
                                                                    "CoMe methods"),
-    (["--method", "come+", "--repair-alpha", "0"], "must be positive"),
+    (["--method", "come+", "--repair-alpha", "0"], "must be a positive number or auto"),
+    (["--method", "come+", "--repair-alpha", "often"], "must be a positive number or auto"),
 ])
 def test_bad_depth_and_method_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
