@@ -767,7 +767,7 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
 
 
 # [OURS] --repair-alpha auto: the ridge strengths that the leave-one-window-out cross-validation chooses from
-REPAIR_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+REPAIR_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind: str,
