@@ -787,6 +787,9 @@ def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind
     down = layer.mlp.down_proj
     dev, d_ff, d = down.weight.device, down.in_features, down.out_features
     W0 = down.weight.detach().double()
+    if alpha == "auto" and targets.shape[0] < 2:
+        raise ComeError("--repair-alpha auto holds out one calibration window at a time: it needs at least 2 windows "
+                        "(raise --nsamples)")
 
     def sums(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:     # G, C, ||R||^2 over calibration windows
         G, C, rr = (torch.zeros(size, dtype=torch.float64, device=dev) for size in ((d_ff, d_ff), (d, d_ff), ()))
@@ -820,9 +823,6 @@ def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind
         n, info = targets.shape[0], {}
         G, C, rr = sums(range(n))
         if alpha == "auto":
-            if n < 2:
-                raise ComeError("--repair-alpha auto holds out one calibration window at a time: it needs at least "
-                                "2 windows (raise --nsamples)")
             held = torch.zeros(len(REPAIR_ALPHAS), dtype=torch.float64, device=dev)
             for i in range(n):
                 Gi, Ci, rri = sums([i])
