@@ -28,7 +28,7 @@ Paper map
   [OURS] beyond the paper, each behind a named option (README "come+" and "Paper scale"):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
-    --repair lstsq|scale, --repair-alpha auto        -> refit_down_proj (auto: leave-one-window-out alpha)
+    --repair lstsq|scale, --repair-alpha auto, -o    -> refit_projection (auto: leave-one-window-out alpha)
     --method come+ (the best combination of these)   -> come_plus
     --tasks offline (held-out 4-way accuracy suite)  -> come_eval.py: offline_suite_items, offline_suite_folder
     memory plan, --dry-run, cache placement          -> memory_plan, plan_memory; HiddenStates(placement="disk")
@@ -94,6 +94,7 @@ class ComeConfig:
     repair: str = "none"                 # [OURS] "none", "lstsq" (ridge refit of down_proj) or "scale" (per channel)
     repair_alpha: float | str = 1e-3     # [OURS] ridge strength, relative to the mean diagonal of Z^T Z, or "auto"
     repair_target: str = "window"        # [OURS] "window": the window's output; "dense": the original model's
+    repair_o: bool = False               # [OURS] refit self_attn.o_proj too (first, the MLP held fixed)
 
     def tokens_for_sbi(self) -> str:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
@@ -279,13 +280,10 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
     try:
         with torch.no_grad():
             for i in range(0, ids.shape[0], batch):
-                model.model(input_ids=ids[i:i + batch].to(_device_of(model.get_input_embeddings())),
-                            use_cache=False)
+                model.model(input_ids=ids[i:i + batch].to(_device_of(model.get_input_embeddings())), use_cache=False)
     finally:
         model.model.layers = layers
-    kwargs = {}
-    for i, c in enumerate(catchers):
-        kwargs.setdefault(layer_type(model.config, i), c.kwargs)
+    kwargs = {layer_type(model.config, i): c.kwargs for i, c in reversed(list(enumerate(catchers)))}   # first of a type
     return torch.cat(catchers[0].inputs), kwargs
 
 
@@ -587,7 +585,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
 
     Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record
     (steps with kept indices, final tree; refit tensors under "tensors" with --repair) that `apply_plan` replays
-    without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_down_proj);
+    without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_projection);
     `resume` (the record of an interrupted run: its steps are replayed first) and `on_step(record)` after each step.
     """
     shape, t_start = attn_shape(model.config), time.perf_counter()
@@ -653,12 +651,13 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
             "ratio_search": search})
         if tried:
             steps[-1]["merge_nll"] = tried
-        if cfg.repair != "none":    # [OURS] target: the window's old output (still cached) or the original model's
-            name = f"step{len(steps)}.mlp.down_proj.weight"
-            target = dense[tree[window[-1]][-1] + 1] if dense else cache.states[start + 1]
-            tensors[name], steps[-1]["repair"] = refit_down_proj(cache, start, target, cfg.repair, cfg.repair_alpha)
-            steps[-1]["repair"]["tensor"] = name
-            decoder_layers(model)[start].mlp.down_proj.weight.data.copy_(tensors[name])
+        # [OURS] --repair: target the window's old output (still cached) or the original model's; o_proj first
+        target = dense[tree[window[-1]][-1] + 1] if dense else cache.states[start + 1]
+        for key in (["repair_o"] * cfg.repair_o + ["repair"]) * (cfg.repair != "none"):
+            weight, name = REPAIRED[key], f"step{len(steps)}.{REPAIRED[key]}"
+            tensors[name], steps[-1][key] = refit_projection(cache, start, target, cfg.repair, cfg.repair_alpha, weight)
+            steps[-1][key]["tensor"] = name
+            decoder_layers(model)[start].get_parameter(weight).data.copy_(tensors[name])
         steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
         # Alg.1 step 8: tree <- window entries joined
         join_window(tree, start, span)
@@ -768,37 +767,37 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
 
 # [OURS] --repair-alpha auto: the ridge strengths that the leave-one-window-out cross-validation chooses from
 REPAIR_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+REPAIRED = {"repair_o": "self_attn.o_proj.weight", "repair": "mlp.down_proj.weight"}    # plan key -> refit weight
 
 
-def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind: str,
-                    alpha: float | str) -> tuple[torch.Tensor, dict]:
-    """[OURS] --repair: closed-form, ridge-regularised refit of the down_proj of layer `index` on calibration tokens.
+def refit_projection(cache: HiddenStates, index: int, targets: torch.Tensor, kind: str, alpha: float | str,
+                     weight: str = "mlp.down_proj.weight") -> tuple[torch.Tensor, dict]:
+    """[OURS] --repair: closed-form, ridge-regularised refit of one projection of layer `index` on calibration tokens.
 
-    The layer computes out = u + W z (+ b), u = its input plus the attention update (the input of
-    post_attention_layernorm), z = the input of down_proj. Given targets y (the merged window's output before the
-    merge), W minimises sum_t ||y_t - u_t - b - W z_t||^2 + lam ||W - W_0||^2, lam = alpha * mean(diag(Z^T Z)):
-    W = (C + lam W_0)(G + lam I)^-1, G = Z^T Z, C = (Y - U - b)^T Z, accumulated as running float64 sums.
+    The layer computes out = W z + (the rest), z = the input of the projection (down_proj, or o_proj with
+    --repair-o; the rest held fixed). Given targets y (the merged window's output before the merge) and
+    r = y - out + W_0 z, W minimises sum_t ||r_t - W z_t||^2 + lam ||W - W_0||^2, lam = alpha * mean(diag(Z^T Z)):
+    W = (C + lam W_0)(G + lam I)^-1, G = Z^T Z, C = R^T Z, accumulated as running float64 sums.
     kind "scale": W = diag(s) W_0 with s_c = (<r_c, m_c> + mu) / (||m_c||^2 + mu), m = W_0 z, mu = alpha mean ||m_c||^2.
     alpha "auto": each alpha of REPAIR_ALPHAS is fitted without one calibration window and scored on it (a second
     pass per window, sums only); the lowest held-out residual summed over the windows wins.
     Returns the new weight (in the layer's dtype) and the relative calibration residual before and after.
     """
     layer, seen = decoder_layers(cache.model)[index], {}
-    down = layer.mlp.down_proj
-    dev, d_ff, d = down.weight.device, down.in_features, down.out_features
-    W0 = down.weight.detach().double()
+    proj = layer.get_submodule(weight.rsplit(".", 1)[0])
+    dev, f, d = proj.weight.device, proj.in_features, proj.out_features
+    W0 = proj.weight.detach().double()
     if alpha == "auto" and targets.shape[0] < 2:
         raise ComeError("--repair-alpha auto holds out one calibration window at a time: it needs at least 2 windows "
                         "(raise --nsamples)")
 
     def sums(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:     # G, C, ||R||^2 over calibration windows
-        G, C, rr = (torch.zeros(size, dtype=torch.float64, device=dev) for size in ((d_ff, d_ff), (d, d_ff), ()))
+        G, C, rr = (torch.zeros(size, dtype=torch.float64, device=dev) for size in ((f, f), (d, f), ()))
         with torch.inference_mode():
             for i in rows:
-                cache.run_layer(layer, index, cache.states[index][i:i + 1])
-                z = seen["z"].reshape(-1, d_ff).double()
-                r = targets[i].to(dev).reshape(-1, d).double() - seen["u"].reshape(-1, d).double()
-                r = r - down.bias.double() if down.bias is not None else r
+                out = cache.run_layer(layer, index, cache.states[index][i:i + 1]).reshape(-1, d).double()
+                z = seen["z"].reshape(-1, f).double()
+                r = targets[i].to(dev).reshape(-1, d).double() - out + z @ W0.T     # what W z has to produce
                 G += z.T @ z
                 C += r.T @ z
                 rr += (r * r).sum()
@@ -817,8 +816,7 @@ def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind
     def residual(w, G, C, rr) -> torch.Tensor:      # ||R - Z w^T||^2 from the running sums
         return rr - 2 * (w * C).sum() + ((w @ G) * w).sum()
 
-    handles = [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("u", a[0])),
-               down.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))]
+    handle = proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
     try:
         n, info = targets.shape[0], {}
         G, C, rr = sums(range(n))
@@ -831,11 +829,10 @@ def refit_down_proj(cache: HiddenStates, index: int, targets: torch.Tensor, kind
             alpha = REPAIR_ALPHAS[int(held.argmin())]
             info["held_out_residual"] = dict(zip(map(str, REPAIR_ALPHAS), (held / rr).tolist()))
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     W = fit(G, C, alpha)
     before, after = ((residual(w, G, C, rr) / rr).item() for w in (W0, W))
-    return W.to(down.weight.dtype), {"kind": kind, "alpha": alpha, "residual_before": before,
+    return W.to(proj.weight.dtype), {"kind": kind, "alpha": alpha, "residual_before": before,
                                      "residual_after": after, **info}
 
 
@@ -855,8 +852,8 @@ def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | Non
     else:
         merged = rdsc_merge(sources)
     apply_merge(model, window[0], len(window), merged)
-    if "repair" in step:    # [OURS] the refit down_proj, stored next to the plan
-        decoder_layers(model)[window[0]].mlp.down_proj.weight.data.copy_(tensors[step["repair"]["tensor"]])
+    for key in [k for k in REPAIRED if k in step]:    # [OURS] the refit projections, stored next to the plan
+        decoder_layers(model)[window[0]].get_parameter(REPAIRED[key]).data.copy_(tensors[step[key]["tensor"]])
 
 
 def apply_plan(model, plan: dict) -> None:
@@ -1308,8 +1305,7 @@ def fingerprint(model) -> dict:
         digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
     return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": attn_shape(c).n_kv, "vocab_size": c.vocab_size,
-            "weights_sha256": digest.hexdigest()}
+            "num_key_value_heads": attn_shape(c).n_kv, "vocab_size": c.vocab_size, "weights_sha256": digest.hexdigest()}
 
 
 def check_fingerprint(model, plan: dict) -> None:
@@ -1549,6 +1545,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(per channel) [ours]")
     g.add_argument("--repair-alpha", type=ridge_alpha, default=1e-3,
                    help="ridge strength of --repair (default 1e-3), or auto: chosen per step by leave-one-window-out")
+    g.add_argument("--repair-o", action="store_true",
+                   help="with --repair: refit self_attn.o_proj too, before down_proj, the MLP held fixed [ours]")
     g.add_argument("--repair-target", choices=("window", "dense"), default="window",
                     help="what --repair matches: the merged window's output (default) or the original model's state "
                          "leaving the merged layers' original span (keeps a copy of the dense states) [ours]")
@@ -1640,6 +1638,8 @@ def validate(args, ap) -> None:
     if "come-p" in (args.compare or args.method).split(",") and span_for("come-p", args.span) != 2:
         ap.error("come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
     methods = args.compare.split(",") if args.compare else [args.method]
+    if args.repair_o and args.repair == "none" and "come+" not in methods:
+        ap.error("--repair-o refits o_proj as part of --repair: add --repair lstsq or scale")
     if (args.repair != "none" or args.skip_score == "merge") and not set(methods) <= {"come", "come-p", "come+",
                                                                                        "come-fold"}:
         ap.error("--repair and --skip-score merge apply to the CoMe methods (come, come-p, come+) only")
@@ -1806,7 +1806,7 @@ def prepare(args) -> Job:
                      p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms, repair=args.repair,
-                     repair_alpha=args.repair_alpha, repair_target=args.repair_target)
+                     repair_alpha=args.repair_alpha, repair_target=args.repair_target, repair_o=args.repair_o)
     cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

@@ -461,7 +461,7 @@ def literal_ridge(Z, R, W0, alpha):
 def test_repair_lstsq_equals_literal_ridge_least_squares(alpha):
     cache, targets, U, Z, Y = repair_case()
     W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
-    W, info = come.refit_down_proj(cache, 1, targets, "lstsq", alpha)
+    W, info = come.refit_projection(cache, 1, targets, "lstsq", alpha)
     want = literal_ridge(Z, Y - U, W0, alpha)
     assert torch.allclose(W.double(), want, atol=1e-5, rtol=1e-4)
     before = ((Y - U - Z @ W0.T) ** 2).sum() / ((Y - U) ** 2).sum()
@@ -470,10 +470,30 @@ def test_repair_lstsq_equals_literal_ridge_least_squares(alpha):
     assert info["residual_after"] == pytest.approx(after.item(), rel=1e-4) and after < before
 
 
+def test_repair_o_equals_literal_ridge_with_the_layer_input_and_mlp_output_held_fixed():
+    cache, targets, _, _, Y = repair_case(3)
+    layer, seen = come.decoder_layers(cache.model)[1], {}
+    o = layer.self_attn.o_proj
+    h1 = o.register_forward_pre_hook(lambda m, a: seen.setdefault("a", []).append(a[0]))
+    h2 = layer.mlp.register_forward_hook(lambda m, a, out: seen.setdefault("m", []).append(out))
+    with torch.no_grad():
+        for i in range(3):
+            cache.run_layer(layer, 1, cache.states[1][i:i + 1])
+    h1.remove(), h2.remove()
+    d, W0 = Y.shape[1], o.weight.detach().double()
+    A = torch.cat([a.reshape(-1, o.in_features) for a in seen["a"]]).double()
+    M = torch.cat([m.reshape(-1, d) for m in seen["m"]]).double()
+    X = cache.states[1].reshape(-1, d).double()     # out = x + o_proj(a) + mlp(...): o_proj must give y - x - mlp
+    R = Y - X - M - (o.bias.double() if o.bias is not None else 0)
+    W, info = come.refit_projection(cache, 1, targets, "lstsq", 1e-2, "self_attn.o_proj.weight")
+    assert torch.allclose(W.double(), literal_ridge(A, R, W0, 1e-2), atol=1e-5, rtol=1e-4)
+    assert info["residual_after"] < info["residual_before"]
+
+
 def test_repair_alpha_auto_equals_leave_one_window_out_by_literal_least_squares():
     cache, targets, U, Z, Y = repair_case(2)
     W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
-    W, info = come.refit_down_proj(cache, 1, targets, "lstsq", "auto")
+    W, info = come.refit_projection(cache, 1, targets, "lstsq", "auto")
     window = torch.arange(Z.shape[0]) // (Z.shape[0] // 3)     # calibration window of each token
     R, held = Y - U, {}
     for a in come.REPAIR_ALPHAS:    # oracle: refit from the tokens of the other windows, score on the held-out one
@@ -487,7 +507,7 @@ def test_repair_alpha_auto_equals_leave_one_window_out_by_literal_least_squares(
     assert info["held_out_residual"] == pytest.approx({str(a): v for a, v in held.items()}, rel=1e-4)
     assert torch.allclose(W.double(), literal_ridge(Z, R, W0, best), atol=1e-5, rtol=1e-4)
     with pytest.raises(come.ComeError, match="at least 2 windows"):
-        come.refit_down_proj(cache, 1, targets[:1], "lstsq", "auto")
+        come.refit_projection(cache, 1, targets[:1], "lstsq", "auto")
 
 
 def test_repair_dense_target_is_the_original_model_state_leaving_the_span():
@@ -522,7 +542,7 @@ def test_repair_dense_target_is_the_original_model_state_leaving_the_span():
 def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
     cache, targets, U, Z, Y = repair_case(1)
     W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
-    W, _ = come.refit_down_proj(cache, 1, targets, "scale", 0.1)
+    W, _ = come.refit_projection(cache, 1, targets, "scale", 0.1)
     M, R = Z @ W0.T, Y - U
     mu = 0.1 * (M * M).sum(0).mean()
     for c in range(0, W0.shape[0], 7):    # oracle: one-dimensional ridge toward 1, per output channel, by a loop
@@ -531,7 +551,7 @@ def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
         s = (a @ b) / (a @ a)
         assert torch.allclose(W[c].double(), s * W0[c], atol=1e-6, rtol=1e-5)
     for kind in ("lstsq", "scale"):
-        W, info = come.refit_down_proj(cache, 1, targets, kind, 1e12)
+        W, info = come.refit_projection(cache, 1, targets, kind, 1e12)
         assert torch.allclose(W.double(), W0, rtol=1e-6, atol=1e-9)
         assert info["residual_after"] == pytest.approx(info["residual_before"], rel=1e-6)
 
@@ -577,9 +597,9 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
                                    ["--skip-score", "sleb", "--span", "3", "--allow-remerge"],
                                    ["--method", "laco", "--span", "3"], ["--method", "sleb"],
                                    ["--method", "weightsum"], ["--method", "come+"],
-                                   ["--skip-score", "merge", "--span", "3", "--repair", "scale"]],
+                                   ["--skip-score", "merge", "--span", "3", "--repair", "scale", "--repair-o"]],
                          ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum", "come+",
-                              "merge-score-span3-scale"])
+                              "merge-score-span3-scale-o"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -1378,6 +1398,7 @@ def expect_error(capsys, *args, match):
                                                                    "CoMe methods"),
     (["--method", "come+", "--repair-alpha", "0"], "must be a positive number or auto"),
     (["--method", "come+", "--repair-alpha", "often"], "must be a positive number or auto"),
+    (["--repair-o"], "add --repair lstsq or scale"),
 ])
 def test_bad_depth_and_method_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
