@@ -28,7 +28,7 @@ Paper map
   [OURS] beyond the paper, each behind a named option (README "come+" and "Paper scale"):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
-    --repair lstsq|scale, --repair-alpha auto, -o    -> refit_projection (auto: leave-one-window-out alpha)
+    --repair lstsq|scale, --repair-o                 -> refit_projection; --repair-alpha auto: leave-one-window-out
     --method come+ (the best combination of these)   -> come_plus
     --tasks offline (held-out 4-way accuracy suite)  -> come_eval.py: offline_suite_items, offline_suite_folder
     memory plan, --dry-run, cache placement          -> memory_plan, plan_memory; HiddenStates(placement="disk")
