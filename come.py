@@ -283,7 +283,7 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
                 model.model(input_ids=ids[i:i + batch].to(_device_of(model.get_input_embeddings())), use_cache=False)
     finally:
         model.model.layers = layers
-    kwargs = {layer_type(model.config, i): c.kwargs for i, c in reversed(list(enumerate(catchers)))}   # first of a type
+    kwargs = {layer_type(model.config, i): c.kwargs for i, c in enumerate(catchers)}    # the same for a type's layers
     return torch.cat(catchers[0].inputs), kwargs
 
 
@@ -648,16 +648,15 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
             "remerge_forced": not cfg.allow_remerge and all(blocked_windows(tree, span)), "ratios": ratios,
             "k_groups": k_groups, "k_neurons": k_neurons,
             "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
-            "ratio_search": search})
-        if tried:
-            steps[-1]["merge_nll"] = tried
-        # [OURS] --repair: target the window's old output (still cached) or the original model's; o_proj first
-        target = dense[tree[window[-1]][-1] + 1] if dense else cache.states[start + 1]
-        for key in (["repair_o"] * cfg.repair_o + ["repair"]) * (cfg.repair != "none"):
-            weight, name = REPAIRED[key], f"step{len(steps)}.{REPAIRED[key]}"
-            tensors[name], steps[-1][key] = refit_projection(cache, start, target, cfg.repair, cfg.repair_alpha, weight)
-            steps[-1][key]["tensor"] = name
-            decoder_layers(model)[start].get_parameter(weight).data.copy_(tensors[name])
+            "ratio_search": search, **({"merge_nll": tried} if tried else {})})
+        if cfg.repair != "none":    # [OURS] target: the window's old output (still cached) or the original model's
+            target = dense[tree[window[-1]][-1] + 1] if dense else cache.states[start + 1]
+            for key in ["repair_o"] * cfg.repair_o + ["repair"]:     # o_proj first (--repair-o), then down_proj
+                weight, name = REPAIRED[key], f"step{len(steps)}.{REPAIRED[key]}"
+                tensors[name], steps[-1][key] = refit_projection(cache, start, target, cfg.repair,
+                                                                 cfg.repair_alpha, weight)
+                steps[-1][key]["tensor"] = name
+                decoder_layers(model)[start].get_parameter(weight).data.copy_(tensors[name])
         steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
         # Alg.1 step 8: tree <- window entries joined
         join_window(tree, start, span)
