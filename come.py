@@ -96,6 +96,8 @@ class ComeConfig:
     repair_alpha: float | str = 1e-3     # [OURS] ridge strength, relative to the mean diagonal of Z^T Z, or "auto"
     repair_target: str = "window"        # [OURS] "window": the window's output; "dense": the original model's
     repair_o: bool = False               # [OURS] refit self_attn.o_proj too (first, the MLP held fixed)
+    score_windows: int | None = None     # [OURS] calibration windows the NLL-based choices read (None: all)
+    repair_floor: int | None = None      # [OURS] come+'s token rule: tokens per d_ff below which the ridge grows
 
     def tokens_for_sbi(self) -> str:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
@@ -270,8 +272,10 @@ class HiddenStates:
     host-memory cache of a model on a GPU is pinned, so that windows move to and from the GPU without a staging copy.
     """
 
-    def __init__(self, model, ids: torch.Tensor, placement: torch.device | str = "cpu"):
+    def __init__(self, model, ids: torch.Tensor, placement: torch.device | str = "cpu",
+                 score_windows: int | None = None):
         self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
+        self.score_windows = score_windows
         on_gpu = device_of(model.get_input_embeddings()).type == "cuda"
         self.pin = on_gpu and torch.device("cpu" if self.spill else placement).type == "cpu" and not self.spill
         n_layers, hidden, dtype = len(decoder_layers(model)), model.config.hidden_size, next(model.parameters()).dtype
@@ -317,13 +321,14 @@ class HiddenStates:
         """Layers start..start+n-1 became one layer: boundaries inside the window disappear."""
         del self.states[start + 1:start + n]
 
-    def _outputs_from(self, start: int, layers: list[tuple[int, nn.Module]]):
-        """(window index, final hidden state) when h_start is run through `layers` (index, module), per window.
+    def _outputs_from(self, start: int, layers: list[tuple[int, nn.Module]], n: int | None = None):
+        """(window index, final hidden state) when h_start of the first n windows (default all) is run through
+        `layers` (index, module), per window.
 
         [OURS] With layers a device_map offloaded, the windows go through the suffix layer by layer in a scratch
         boundary, so that each offloaded layer is loaded once per call instead of once per window.
         """
-        n = self.states[start].shape[0]
+        n = min(n or self.states[start].shape[0], self.states[start].shape[0])
         with torch.inference_mode():
             if not any(offloaded(layer) for _, layer in layers):
                 for i in range(n):
@@ -332,7 +337,7 @@ class HiddenStates:
                         h = self.run_layer(layer, index, h)
                     yield i, h
                 return
-            scratch = self.buffer(self.states[start]).copy_(self.states[start])
+            scratch = self.buffer(self.states[start][:n]).copy_(self.states[start][:n])
             for index, layer in layers:
                 with materialized(layer):
                     for i in range(n):
@@ -343,8 +348,10 @@ class HiddenStates:
                 yield i, scratch[i:i + 1]
 
     def nll_from(self, start: int, layers: list[tuple[int, nn.Module]]) -> float:
-        """Mean next-token NLL of the calibration windows when h_start is run through `layers`."""
-        sums = [token_nll(self.model, h, self.ids[i:i + 1], normed=False) for i, h in self._outputs_from(start, layers)]
+        """Mean next-token NLL of the calibration windows when h_start is run through `layers`; [OURS] of the first
+        `score_windows` windows only when that is set (--score-windows)."""
+        sums = [token_nll(self.model, h, self.ids[i:i + 1], normed=False)
+                for i, h in self._outputs_from(start, layers, self.score_windows)]
         return sum(s for s, _ in sums) / sum(c for _, c in sums)
 
     def similarity_from(self, start: int, layers: list[tuple[int, nn.Module]], reference: torch.Tensor) -> float:
@@ -577,7 +584,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         for step in resume["steps"]:
             replay_step(model, step, cfg.fold_norms, resume.get("tensors"))
         tree, steps, tensors = [list(t) for t in resume["tree"]], list(resume["steps"]), dict(resume.get("tensors", {}))
-    cache = HiddenStates(model, calib_ids, cache_device)
+    cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows)
     activity: list[ChannelActivity | None] = [None] * len(tree)
     while len(tree) > target_layers:                            # Alg.1 step 2
         t0 = time.perf_counter()
@@ -680,7 +687,7 @@ def come_plus(cfg: ComeConfig) -> ComeConfig:
     CoMe's windows and ratios, norms folded into the kept rows (--fold-norms), and each merged layer's down_proj
     refit by ridge least squares to the window's output (--repair lstsq, alpha from --repair-alpha).
     """
-    return dataclasses.replace(cfg, fold_norms=True, repair="lstsq")
+    return dataclasses.replace(cfg, fold_norms=True, repair="lstsq", repair_floor=REPAIR_TOKEN_FLOOR)
 
 
 def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: AttnShape, cfg: ComeConfig):
@@ -738,22 +745,29 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
     return scores, best, tried
 
 
-# [OURS] The token rule of --repair lstsq (README, "come+"): least squares fits d_ff weights per output channel of
-# down_proj, so it needs tokens in proportion to d_ff. come+ chooses a calibration size of at least
-# REPAIR_TOKEN_FLOOR x d_ff tokens; a run with fewer tokens gets a ridge that grows as tokens / d_ff falls.
+# [OURS] The token rule of come+ (and of the repaired drop baselines it is compared with; README, "come+"): least
+# squares fits d_ff weights per output channel of down_proj, so it needs tokens in proportion to d_ff. come+
+# chooses a calibration size of at least REPAIR_TOKEN_FLOOR x d_ff tokens; a run with fewer tokens gets a ridge
+# that grows as tokens / d_ff falls.
 REPAIR_TOKEN_FLOOR = 8
 
 
 def token_rule(cfg: ComeConfig, calib_ids: torch.Tensor, model) -> ComeConfig:
-    """[OURS] cfg with the ridge strength of the token rule: --repair-alpha below REPAIR_TOKEN_FLOOR x d_ff
-    calibration tokens times floor / tokens (one warning); unchanged at or above it, for scale and for auto."""
+    """[OURS] cfg with the ridge strength of the token rule (cfg.repair_floor, set by come+): --repair-alpha below
+    repair_floor x d_ff calibration tokens times floor / tokens, with one warning; unchanged at or above it, for
+    scale and for auto. A plain --repair lstsq keeps its alpha and warns below the floor."""
     d_ff, tokens = decoder_layers(model)[0].mlp.down_proj.in_features, calib_ids.numel()
-    floor = REPAIR_TOKEN_FLOOR * d_ff
-    if cfg.repair != "lstsq" or cfg.repair_alpha == "auto" or tokens >= floor:
+    floor = (cfg.repair_floor or REPAIR_TOKEN_FLOOR) * d_ff
+    if cfg.repair != "lstsq" or tokens >= floor:
+        return cfg
+    if not cfg.repair_floor or cfg.repair_alpha == "auto":
+        warnings.warn(f"--repair lstsq fits {d_ff} weights per output channel from {tokens} calibration tokens, "
+                      f"fewer than {floor // d_ff} x {d_ff}: it may overfit (more --nsamples or a larger "
+                      "--repair-alpha)")
         return cfg
     alpha = cfg.repair_alpha * floor / tokens
     warnings.warn(f"--repair lstsq fits {d_ff} weights per output channel from {tokens} calibration tokens, fewer "
-                  f"than {REPAIR_TOKEN_FLOOR} x {d_ff}: ridge strength {cfg.repair_alpha:g} -> {alpha:.3g} against "
+                  f"than {cfg.repair_floor} x {d_ff}: ridge strength {cfg.repair_alpha:g} -> {alpha:.3g} against "
                   f"overfitting (more --nsamples recover the full fit)")
     return dataclasses.replace(cfg, repair_alpha=alpha)
 
@@ -1230,7 +1244,7 @@ def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
     greedy loop, so that the next removal is chosen on the repaired model.
     """
     t0, cfg = time.perf_counter(), token_rule(cfg, calib_ids, model)
-    cache = HiddenStates(model, calib_ids, cache_device)
+    cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows)
     tree, steps, stale_from, tensors = [[i] for i in range(len(decoder_layers(model)))], [], 0, {}
     while len(tree) > target_layers:
         cache.refresh(stale_from, desc=f"SLEB step {len(steps) + 1}")
@@ -1379,8 +1393,8 @@ def compare_variant(name: str, cfg: ComeConfig, span: int | None = None) -> tupl
     method = "come" if name == "come-fold" else name.removesuffix("-repair")
     cfg = dataclasses.replace(cfg, method=method, span=span_for(method, span),
                               fold_norms=cfg.fold_norms or name == "come-fold")
-    if name.endswith("-repair"):
-        cfg = dataclasses.replace(cfg, repair="lstsq")
+    if name.endswith("-repair"):     # come+'s repair: least squares with its token rule
+        cfg = dataclasses.replace(cfg, repair="lstsq", repair_floor=REPAIR_TOKEN_FLOOR)
     return method, come_plus(cfg) if method == "come+" else cfg
 
 
@@ -1486,6 +1500,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair-target", choices=("window", "dense"), default="window",
                     help="what --repair matches: the merged window's output (default) or the original model's state "
                          "leaving the merged layers' original span (keeps a copy of the dense states) [ours]")
+    g.add_argument("--score-windows", type=int, help="calibration windows that the NLL-based choices read "
+                   "(--skip-score sleb|merge, CoMe-P's ratio search, SLEB's removals; default all) [ours]")
     g.add_argument("--apply-plan", help="come_plan.json to replay on the base model, without calibration")
     g.add_argument("--compare", help="comma-separated methods to run side by side (come-fold = come --fold-norms); "
                                       "writes compare.md / compare.json / compare.png to --save")
@@ -1585,8 +1601,9 @@ def validate(args, ap) -> None:
             not set(methods) <= set(COME_METHODS):
         ap.error("--repair-o, --repair-target dense and --skip-score merge apply to the CoMe methods "
                  "(come, come-p, come+) only")
-    if args.granularity < 1 or (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2:
-        ap.error("--granularity, --nsamples and --seqlen must be positive")
+    if args.granularity < 1 or (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2 or \
+            (args.score_windows is not None and args.score_windows < 1):
+        ap.error("--granularity, --nsamples, --seqlen and --score-windows must be positive")
     if args.post_train != "none":
         # [OURS] unset post-training flags take the recipe's value: the paper's for sp / mp, ours for best
         for key, value in TRAIN_RECIPES["best" if args.post_train == "best" else "paper"].items():
@@ -1743,7 +1760,8 @@ def prepare(args) -> Job:
                      p=args.p if args.p is not None else preset.get("p", 1.0),
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms, repair=args.repair,
-                     repair_alpha=args.repair_alpha, repair_target=args.repair_target, repair_o=args.repair_o)
+                     repair_alpha=args.repair_alpha, repair_target=args.repair_target, repair_o=args.repair_o,
+                     score_windows=args.score_windows)
     cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

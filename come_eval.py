@@ -597,12 +597,12 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
     head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups + ["pruning s"]
     lines = [f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens of "
              f"{report.get('calibration')})", ""]
-    lines += ["| dense | " + " | ".join([x for src in sources for x in (
+    dense_row = "| dense | " + " | ".join([x for src in sources for x in (
         f"{dense['ppl'][src]['ppl']:.2f}" if src in dense["ppl"] else "-", "0")]
-        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + [""]) + " |", ""]
+        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + [""]) + " |"
     for s in sparsities:
         lines += [f"## s={s} ({report['targets'][s]} layers)", "", "| " + " | ".join(head) + " |",
-                  "|---" * len(head) + "|"]
+                  "|---" * len(head) + "|", dense_row]
         for n in names:
             r = cell[n, s]
             ppl = [x for src in sources for x in (

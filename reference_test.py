@@ -535,6 +535,24 @@ def test_merge_scored_window_equals_brute_force_over_whole_models(fold):
         assert brute[2, (1.0, 0.0)] == pytest.approx(whole_model_nll(dropped, ids), rel=1e-5)
 
 
+def test_score_windows_limits_the_nll_choices_to_the_first_windows():
+    """--score-windows N: the skip NLL of every window is measured on the first N calibration windows only."""
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    for n in (None, 2):
+        step = come.come_prune(make_tiny("llama-gqa"), ids, 6, come.ComeConfig(skip_score="sleb", score_windows=n))
+        model = make_tiny("llama-gqa")
+        layers = list(enumerate(come.decoder_layers(model)))
+        want = []
+        for l in range(6):      # oracle: stock forward of the model without layers l, l+1 on those windows
+            dropped = copy.deepcopy(model)
+            dropped.model.layers = torch.nn.ModuleList(m for i, m in layers if i not in (l, l + 1))
+            dropped.config.num_hidden_layers = 5
+            for i, layer in enumerate(dropped.model.layers):
+                layer.self_attn.layer_idx = i
+            want.append(whole_model_nll(dropped, ids[:n]))
+        assert step["steps"][0]["sbi_all"] == pytest.approx(want, rel=1e-5)
+
+
 def repair_case(seed=0):
     """A tiny model, its first merge, and what the repair sees: per-token u, z and target y of the merged layer."""
     model = make_tiny("qwen2", seed)    # qwen2: down_proj has no bias, o/q/k/v biases exercise the attention path
@@ -645,9 +663,8 @@ def test_repair_dense_target_is_the_original_model_state_leaving_the_span():
     d = base.config.hidden_size
     U, Z = seen["u"].reshape(-1, d).double(), seen["z"].reshape(-1, 172).double()
     R = dense.states[b + 1].reshape(-1, d).double() - U
-    alpha = second["repair"]["alpha"]       # 80 tokens are below the token floor: the rule's stronger ridge
-    assert alpha == pytest.approx(0.05 * come.REPAIR_TOKEN_FLOOR * 172 / 80)
-    want = literal_ridge(Z, R, layer.mlp.down_proj.weight.detach().double(), alpha)
+    assert second["repair"]["alpha"] == 0.05        # a plain --repair has no token rule (come+ has)
+    want = literal_ridge(Z, R, layer.mlp.down_proj.weight.detach().double(), 0.05)
     got = plan["tensors"][second["repair"]["tensor"]].double()
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-3)
 
@@ -684,6 +701,9 @@ def test_token_rule_come_plus_takes_rows_to_its_floor_and_a_forced_small_set_get
     tokens = forced["calibration"]["tokens"]
     assert tokens < floor and forced["args"]["nsamples"] == 100
     assert all(s["repair"]["alpha"] == pytest.approx(1e-3 * floor / tokens) for s in forced["merge"]["steps"])
+    with pytest.warns(UserWarning, match="may overfit"):      # a plain --repair keeps its alpha and says so
+        plain = cli(*common[:-2], "--method", "come", "--repair", "lstsq", "--nsamples", 100, "--save", tmp_path / "c")
+    assert all(s["repair"]["alpha"] == 1e-3 for s in plain["merge"]["steps"])
 
 
 def test_repair_in_the_loop_lowers_calibration_nll():
