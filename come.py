@@ -22,21 +22,25 @@ Paper map
       Algorithm 3 (CoMe-sp) / Algorithm 4 (CoMe-mp)  -> post_train(mode "sp" / "mp") -> distill_step, distill_loss,
                                                         teacher_states, mp_learning_rates, original_spans
     baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
-                                                        weightsum_prune (weighted_sum_merge), reverse_prune
+                                                        weightsum_prune (weighted_sum_merge), reverse_prune,
+                                                        replaceme_prune (ReplaceMe, Shopkhoev et al. 2025)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
-                                                        CLI: main -> run (one call a phase); come_eval.compare
-  [OURS] beyond the paper, each behind a named option (README "come+" and "Paper scale"):
+                                                        CLI: main -> run (one call a phase); compare
+  [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
-    --repair lstsq|scale, --repair-o                 -> refit_projection; --repair-alpha auto: leave-one-window-out
-    --method come+ (the best combination of these)   -> come_plus
-    --tasks offline (held-out 4-way accuracy suite)  -> come_eval.py: offline_suite_items, offline_suite_folder
-    memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; plan_memory; HiddenStates(placement="disk")
-    --resume (plan written after every merge step)   -> come_prune(resume=, on_step=), write_progress
+    --score-windows (NLL choices on fewer windows)   -> HiddenStates.nll_from
+    --repair lstsq|scale, --repair-o                 -> refit_projection (recomputed in fp32: float32_layer);
+                                                        --repair-alpha auto: leave-one-window-out
+    --repair after drops (shortgpt, sleb, reverse)   -> drop_repaired, drop_blocks_repaired
+    --method come+ (the best combination of these)   -> come_plus; its token rule: token_rule, repair_calibration
+    --tasks offline, moby_cloze, --eval-ppl moby-dick -> come_eval.py: offline_suite_items, book_cloze_items
+    memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; plan_memory; HiddenStates
+    --resume (plan written after every merge step)   -> come_prune(resume=, on_step=); come_runtime.write_plan
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
-    sp --train-memory checkpoint|offload (FSDP2)     -> distill_step, offload_layers
+    sp --train-memory checkpoint|offload (FSDP2)     -> distill_step; come_runtime.offload_layers
     --post-train best (a recipe that recovers)       -> TRAIN_RECIPES["best"], train_layers(targets "output")
-    --offload-layers (device_map, weights off GPU)   -> load_model, materialized, spare_layer, apply_merge
+    --offload-layers (device_map, weights off GPU)   -> come_runtime.load_model, materialized; spare_layer, apply_merge
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.

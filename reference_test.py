@@ -741,9 +741,13 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
                                    ["--skip-score", "sleb", "--span", "3", "--allow-remerge"],
                                    ["--method", "laco", "--span", "3"], ["--method", "sleb"],
                                    ["--method", "weightsum"], ["--method", "come+"],
-                                   ["--skip-score", "merge", "--span", "3", "--repair", "scale", "--repair-o"]],
+                                   ["--skip-score", "merge", "--span", "3", "--repair", "scale", "--repair-o"],
+                                   ["--method", "sleb", "--repair", "lstsq"], ["--method", "shortgpt", "--repair",
+                                                                               "lstsq"],
+                                   ["--method", "reverse", "--repair", "scale"], ["--method", "replaceme"]],
                          ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum", "come+",
-                              "merge-score-span3-scale-o"])
+                              "merge-score-span3-scale-o", "sleb-repair", "shortgpt-repair", "reverse-repair",
+                              "replaceme"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -824,6 +828,77 @@ def test_sleb_first_removal_is_the_brute_force_best():
     result = come.sleb_prune(model, ids, 6, come.ComeConfig())
     assert result["steps"][0]["layer"] == min(range(7), key=losses.__getitem__)
     assert result["steps"][0]["nll"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def raw_states(model, ids):
+    """Hidden states at every layer boundary from a stock forward, the last one the raw output of the last layer."""
+    raw = []
+    hook = model.model.layers[-1].register_forward_hook(lambda m, a, out: raw.append(out))
+    with torch.no_grad():
+        states = list(model(ids, output_hidden_states=True).hidden_states)
+    hook.remove()
+    return states[:-1] + [raw[0]]
+
+
+def mlp_and_layer_io(model, index, ids):
+    """Per-token input of down_proj, output of the MLP, and input / output of decoder layer `index` (stock forward)."""
+    layer, seen = model.model.layers[index], {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0])),
+             layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out)),
+             layer.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("x", k.get("hidden_states", a[0] if a
+                                                                                        else None)), with_kwargs=True),
+             layer.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return {k: v.reshape(-1, v.shape[-1]).double() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("method", ["sleb", "shortgpt", "reverse"])
+def test_drop_repair_equals_a_literal_least_squares_solve(method):
+    """Each drop repair: the down_proj of the layer before the cut, refit so that the layer's output reproduces the
+    state that left the removed layers; oracle: one stacked ridge solve from inputs and targets taken by hooks on a
+    stock forward of the model as it was before that removal (replayed from the plan)."""
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(5))
+    cfg = come.ComeConfig(method=method, repair="lstsq", repair_alpha=0.05)
+    plan = come.PRUNERS[method](copy.deepcopy(base), ids, 4, cfg)
+    model = copy.deepcopy(base)
+    for step in plan["steps"]:
+        first, n, fixed = step["layer"], step.get("count", 1), step["repair"]["layer"]
+        target = raw_states(model, ids)[first + n].reshape(-1, 72).double()      # the state leaving the span
+        come.keep_layers(model, [i for i in range(len(model.model.layers)) if not first <= i < first + n])
+        io = mlp_and_layer_io(model, fixed, ids)
+        W0 = model.model.layers[fixed].mlp.down_proj.weight.detach().double()
+        want = literal_ridge(io["z"], target - io["y"] + io["z"] @ W0.T, W0, 0.05)
+        got = plan["tensors"][step["repair"]["tensor"]].double()
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-3), step
+        come.set_weight(model, fixed, "mlp.down_proj.weight", plan["tensors"][step["repair"]["tensor"]])
+    assert len(model.model.layers) == 4 and (method != "reverse" or len(plan["steps"]) == 1)
+
+
+def test_replaceme_block_and_transform_equal_brute_force_and_literal_least_squares():
+    """ReplaceMe's block: the mean angular distance of the last tokens between the states around every block of
+    n layers (b >= 1), by brute force over a stock forward; its transform: one stacked least-squares solve."""
+    base = make_tiny("qwen3")
+    ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(6))
+    plan = come.replaceme_prune(copy.deepcopy(base), ids, 4, come.ComeConfig(method="replaceme"))
+    states, n = raw_states(base, ids), 3
+    dist = {}
+    for b in range(1, 8 - n):
+        a, c = states[b][:, -1].double(), states[b + n][:, -1].double()
+        cos = (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1))
+        dist[b] = (torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item()
+    step = plan["steps"][0]
+    b = min(dist, key=dist.get)
+    assert step["layer"] == b and step["count"] == n and step["repair"]["layer"] == b - 1
+    assert step["distances"] == pytest.approx(list(dist.values()), rel=1e-5)
+    io = mlp_and_layer_io(base, b - 1, ids)
+    target = states[b + n].reshape(-1, 72).double() - (io["y"] - io["m"])     # H - Y, Y = the attention residual
+    T = torch.linalg.lstsq(io["m"], target).solution
+    want = T.T @ base.model.layers[b - 1].mlp.down_proj.weight.detach().double()
+    assert torch.allclose(plan["tensors"][step["repair"]["tensor"]].double(), want, atol=1e-4, rtol=1e-3)
 
 
 def test_weightsum_with_ratio_one_zero_is_the_first_layer():
