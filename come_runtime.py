@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -185,6 +187,28 @@ def read_progress(path: Path, identity: dict) -> dict | None:
     return plan["merge"]
 
 
+def fingerprint(model) -> dict:
+    """What identifies the base model a plan applies to: its shapes and a checksum of a few weights."""
+    c, layers, digest = model.config, model.model.layers, hashlib.sha256()
+    with materialized(model.get_input_embeddings()) as embed, materialized(layers[0]) as first, \
+            materialized(layers[-1]) as last:
+        probe = [embed.weight[:8], first.self_attn.q_proj.weight[:4], last.mlp.down_proj.weight[:4]]
+    for t in probe:   # bf16-rounded, so the same weights loaded in another dtype still match
+        digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
+    return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            "vocab_size": c.vocab_size, "weights_sha256": digest.hexdigest()}
+
+
+def check_fingerprint(model, plan: dict) -> None:
+    have, want = fingerprint(model), plan["base_fingerprint"]
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+        raise ComeError(f"the plan was made for a different base model ({plan.get('base_model')}): "
+                        f"{', '.join(f'{k} {want[k]} != {have.get(k)}' for k in diff)}")
+
+
 # ============================================================================ devices: device_map and FSDP2 offload
 def device_of(module: nn.Module) -> torch.device:
     """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
@@ -279,7 +303,12 @@ def distributed(device: str) -> tuple[int, int, str]:
     return torch.distributed.get_rank(), world, device
 
 
-# ============================================================================ peak memory
+# ============================================================================ peak memory and versions
+def versions() -> dict:
+    import transformers
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -380,7 +409,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco")
     transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
-                 + biggest * (3 * 4 + e),               # merged + candidate layer; per weight 2 sources + result in fp32
+                 + biggest * (3 * 4 + e),       # merged + candidate layer; per weight 2 sources + result in fp32
                  "refit": repair * (per_layer * 4 * (e != 4) + (f * f * 3 + d * f * 5
                                     + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
                  "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
@@ -434,6 +463,41 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                 for phase, v in phases.items() if not fits(v, budget)]
     return {"memory": gib, "cache": where, "problems": problems,
             "budget_gib": {k: round(v / GIB, 2) for k, v in budget.items() if v != float("inf")}}
+
+
+def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
+              budget: dict[str, float], placement: str = "auto", mapped: bool = False, offload: int | None = None,
+              models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False):
+    """(the plan, tc with sp's training memory): the fewest offloaded decoder layers that make the GPU phases fit
+    (`offload` fixes the number), then sp's first training memory that fits (plain, checkpoint, offload); a plan
+    that still does not fit carries `hints`, what would make it fit."""
+    save_dtype = getattr(torch, tc.save_dtype) if tc and tc.save_dtype else None
+    chosen, layers = tc, offload or 0
+    while True:
+        for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
+            chosen = dataclasses.replace(tc, memory=memory) if memory else tc
+            plan = memory_plan(config, dtype, device, windows, seqlen, target, cfg, chosen, budget, placement, mapped,
+                               layers, models, tasks, eval_while_pruning, save_dtype)
+            if not plan["problems"]:
+                break
+        gpu_short = max(v["gpu_gib"] for v in plan["memory"].values()) * GIB > budget["gpu"]
+        if not gpu_short or offload is not None or not device.startswith("cuda") or \
+                layers >= config.num_hidden_layers - 1:
+            break
+        layers += 1
+    plan.update(offload_layers=layers, train_memory=chosen.memory if chosen and chosen.mode == "sp" else None)
+    if plan["problems"]:
+        hints = []
+        if chosen and chosen.mode == "sp":
+            mp = memory_plan(config, dtype, device, windows, seqlen, target, cfg,
+                             dataclasses.replace(chosen, mode="mp"), budget, placement)["memory"]["post_train"]
+            hints.append(f"--post-train mp trains one merged layer at a time ({mp['gpu_gib']:.1f} GiB GPU, "
+                         f"{mp['host_gib']:.1f} GiB host)")
+        hints += ["--dtype bfloat16 halves weights and states"] if dtype == torch.float32 else []
+        hints += ["COME_CACHE=DIR on a disk with more free space"] if plan["cache"] == "disk" else []
+        plan["hints"] = hints + ["fewer --nsamples, a shorter --seqlen or a smaller --batch-size shrink the "
+                                 "calibration, activations and lm-eval's logits", "a machine with more memory"]
+    return plan, chosen
 
 
 def fits(phase: dict, budget: dict[str, float]) -> bool:

@@ -104,7 +104,8 @@ def naive_cos(a, b):
 def naive_bi(states):
     out = []
     for l in range(len(states) - 1):
-        a, b = states[l].reshape(-1, states[l].shape[-1]).tolist(), states[l + 1].reshape(-1, states[l].shape[-1]).tolist()
+        a = states[l].reshape(-1, states[l].shape[-1]).tolist()
+        b = states[l + 1].reshape(-1, states[l].shape[-1]).tolist()
         out.append(sum(1 - min(max(naive_cos(x, y), 0), 1) for x, y in zip(a, b)))
     return out
 
@@ -957,7 +958,8 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
     md, dense = (out / "compare.md").read_text(), report["dense"]["ppl"][str(calib_txt)]["ppl"]
     row = cells["weightsum", 0.3]
     ppl = row["ppl"][str(calib_txt)]["ppl"]
-    assert f"| weightsum | {ppl:.2f} | {math.log(ppl / dense):.3f} | {row['tasks']['tasks']['come_mc']['acc_norm']:.4f} |" in md
+    acc = row["tasks"]["tasks"]["come_mc"]["acc_norm"]
+    assert f"| weightsum | {ppl:.2f} | {math.log(ppl / dense):.3f} | {acc:.4f} |" in md
     assert "## s=0.3 (5 layers)" in md and "(calibration domain)" in md
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -69,8 +69,8 @@ def phases(model: Path, calib: Path, train: Path, work: Path, budget: float, dev
         ("CoMe-sp post-training, FSDP2 offload", common + train_args + ["--post-train", "sp", "--train-memory",
                                                                          "offload"], budget, "sp"),
         ("--post-train best", common + train_args + ["--post-train", "best"], budget, "best"),
-        ("prune come, layers offloaded, 16 GiB", common + ["--sparsity", "0.3"] + ([] if gpu else ["--offload-layers",
-                                                                                       "2"]), min(budget, 16.0), "offload"),
+        ("prune come, layers offloaded, 16 GiB", common + ["--sparsity", "0.3"]
+         + ([] if gpu else ["--offload-layers", "2"]), min(budget, 16.0), "offload"),
     ]
 
 

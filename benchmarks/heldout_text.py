@@ -22,7 +22,8 @@ import come_eval  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", choices=("wiki-offline", "moby-dick"), default="wiki-offline")
-    ap.add_argument("--first", type=int, default=0, help="wiki-offline: index of the first row (negative: from the end)")
+    ap.add_argument("--first", type=int, default=0,
+                    help="wiki-offline: index of the first row (negative: from the end)")
     ap.add_argument("--rows", type=int, help="number of rows (default: to the end)")
     ap.add_argument("--seed", type=int, default=10, help="the calibration seed (default 10)")
     ap.add_argument("--out", required=True)
