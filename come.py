@@ -290,7 +290,7 @@ class HiddenStates:
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like `like` where this cache lives."""
         if self.pin:
-            return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            return rt.pinned_or_pageable(like)
         if not self.spill:
             return torch.empty_like(like)
         folder = rt.cache_root() / "spill"

@@ -216,6 +216,16 @@ def device_of(module: nn.Module) -> torch.device:
     return torch.device(dev) if dev is not None else next(module.parameters()).device
 
 
+def pinned_or_pageable(like: torch.Tensor) -> torch.Tensor:
+    """An empty host tensor shaped like `like` in page-locked memory (asynchronous copies to and from the GPU), or in
+    ordinary memory where the system refuses to lock that much."""
+    try:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+    except RuntimeError as e:
+        log(f"pinned host memory refused ({str(e)[:80]}); this boundary of the cache uses ordinary memory")
+        return torch.empty(like.shape, dtype=like.dtype)
+
+
 def offloaded(module: nn.Module) -> bool:
     """Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
     return any(p.device.type == "meta" for p in module.parameters())

@@ -1886,6 +1886,23 @@ def test_plan_for_a_different_base_model(tiny_folder, calib_txt, tmp_path, capsy
     assert not (tmp_path / "b").exists()
 
 
+def test_replay_to_a_depth_the_plan_does_not_pass_through_is_refused(tiny_folder, calib_txt, tmp_path, capsys):
+    cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+        "--save", tmp_path / "a")
+    plan = tmp_path / "a" / "come_plan.json"
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--apply-plan", plan, "--target-layers", 4,
+                 "--save", tmp_path / "b", match="passes through 7, 6, 5 layers, not 4")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--apply-plan", plan, "--sparsity", 0.2,
+                 "--save", tmp_path / "b", match="do not combine it with --sparsity")
+    six = cli("--model", tiny_folder("llama-gqa"), "--apply-plan", plan, "--target-layers", 6, "--eval-ppl", "none",
+              "--save", tmp_path / "c")
+    tree = six["merge"]["tree"]         # the first step's merge only: one span of two original layers
+    assert sum(tree, []) == list(range(7)) and sorted(len(t) for t in tree) == [1, 1, 1, 1, 1, 2]
+    assert len(six["merge"]["steps"]) == 1
+    assert AutoConfig.from_pretrained(tmp_path / "c").num_hidden_layers == 6
+    assert not (tmp_path / "b").exists()
+
+
 def test_repaired_plan_without_its_tensors_is_refused(tiny_folder, calib_txt, tmp_path, capsys):
     cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
         "--repair", "lstsq", "--save", tmp_path / "a")
