@@ -121,23 +121,24 @@ def naive_sbi(states, span, tokens):
     return out
 
 
+def naive_share(values):
+    """Each value divided by the sum of all, with loops."""
+    total = 0.0
+    for v in values:
+        total += v
+    shares = []
+    for v in values:
+        shares.append(v / total)
+    return shares
+
+
 def naive_f_merge(bi, p, rho, n_original):
     """SPEC §5, step by step with loops: normalise, sharpen by p, floor the largest ratio at rho^(1/(N-1))."""
-    total = 0.0
-    for s in bi:
-        total += s
-    r = []
-    for s in bi:
-        r.append(s / total)                                # step 1
+    r = naive_share(bi)                                    # step 1
     powered = []
     for x in r:
         powered.append(x ** p)
-    norm = 0.0
-    for x in powered:
-        norm += x
-    r = []
-    for x in powered:
-        r.append(x / norm)                                 # step 2
+    r = naive_share(powered)                               # step 2
     if rho > 0:
         floor = rho ** (1.0 / (n_original - 1))            # step 3
         top = 0
