@@ -40,7 +40,7 @@ budget, out = float(sys.argv[1]), sys.argv[2]
 if torch.cuda.is_available() and budget > 0:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
-sys.argv = ["come.py"] + sys.argv[3:]
+sys.argv = sys.argv[3:]                 # come.py's path, then its arguments
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
