@@ -671,6 +671,25 @@ def test_repair_dense_target_is_the_original_model_state_leaving_the_span():
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-3)
 
 
+def test_refit_of_a_bf16_model_recomputes_the_layer_in_float32():
+    """The refit of a bfloat16 model equals the refit of the same weights and cached states held in float32: the
+    layer is recomputed in float32, not in bfloat16 (whose rounding of z and of the layer output would enter every
+    least-squares target and show in the residuals at the 1e-3 level)."""
+    cache, targets, _, _, _ = repair_case(4)
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = copy.deepcopy(cache.model).to(torch.bfloat16).to(dtype)        # the same bf16-exact weights
+        c = come.HiddenStates(model, cache.ids)
+        c.states = [h.to(torch.bfloat16).to(dtype) for h in cache.states]
+        c.kwargs = cache.kwargs     # the same rotary tables (a bf16 model's own are rounded to bf16)
+        runs[dtype] = come.refit_projection(c, 1, targets.to(torch.bfloat16).to(dtype), "lstsq", 1e-2)
+    (w16, i16), (w32, i32) = runs[torch.bfloat16], runs[torch.float32]
+    assert w16.dtype == torch.bfloat16 and w32.dtype == torch.float32
+    assert i16["residual_after"] == pytest.approx(i32["residual_after"], rel=1e-5)
+    assert i16["residual_before"] == pytest.approx(i32["residual_before"], rel=1e-5)
+    assert (w16.float() - w32).abs().max() <= w32.abs().max() * 2 ** -8      # one bf16 rounding of the same weight
+
+
 def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
     cache, targets, U, Z, Y = repair_case(1)
     W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
