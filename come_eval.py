@@ -1,8 +1,10 @@
-"""Data and evaluation for come.py: calibration and evaluation text, GPTQ-protocol perplexity, lm-eval tasks, the
-offline accuracy suite, result tables and --compare (every method at every sparsity, with its report).
+"""Data and evaluation for come.py: calibration and evaluation text (the offline Wikipedia lead sections and the
+out-of-domain book), GPTQ-protocol perplexity, lm-eval tasks, the generated offline tasks (the in-domain suite and
+the out-of-domain cloze), result tables and the --compare report.
 
-Kept apart from come.py so that come.py reads as the method; come.py's CLI imports this module. Imports beyond
-torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions that need them.
+Kept apart from come.py so that come.py reads as the method; come.py imports this module, and this module imports
+only come_runtime. Imports beyond torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions
+that need them.
 """
 from __future__ import annotations
 
