@@ -952,9 +952,16 @@ def test_reverse_drops_the_last_layers():
 
 
 def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_windows(tiny_folder, calib_txt,
-                                                                                        tmp_path, capsys):
+                                                                                        tmp_path, monkeypatch):
     folder = tiny_folder("llama-gqa")
     names = "come,shortgpt-repair,sleb,weightsum,replaceme"
+    runs, real = [], come.come_prune
+
+    def counted(*args, **kwargs):       # CoMe runs once: weightsum replays its windows instead of running its own
+        runs.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(come, "come_prune", counted)
+    monkeypatch.setitem(come.PRUNERS, "come", counted)
     report = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--eval-ppl", calib_txt, "--compare", names,
                  "--sparsities", "0.15,0.3", "--tasks", "come_mc", "--task-path", TINY / "tasks", "--limit", 4,
                  "--save", tmp_path / "cmp")
@@ -969,6 +976,7 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
     plans = {n: json.loads((out / "plans" / n / "come_plan.json").read_text()) for n in ("come", "weightsum")}
     assert [(s["window"], s["ratios"]) for s in plans["weightsum"]["merge"]["steps"]] == \
         [(s["window"], s["ratios"]) for s in plans["come"]["merge"]["steps"]]      # CoMe's windows, not its own
+    assert len(runs) == 1
     for name, s in (("sleb", 0.15), ("shortgpt-repair", 0.3), ("come", 0.15)):    # every cell replays from its plan
         row = cells[name, s]
         depth = ["--target-layers", row["layers"]] if not row["plan"].endswith(f"-s{s}") else []
