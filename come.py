@@ -288,17 +288,8 @@ class HiddenStates:
         self.states = [first] + [self.buffer(h0) for _ in range(n_layers)]
 
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor shaped like `like` where this cache lives."""
-        if self.pin:
-            return rt.pinned_or_pageable(like)
-        if not self.spill:
-            return torch.empty_like(like)
-        folder = rt.cache_root() / "spill"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{os.getpid()}-{id(self)}-{time.perf_counter_ns()}.bin"
-        t = torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
-        path.unlink()       # the mapping stays valid; the space is freed when the tensor is
-        return t
+        """An uninitialised tensor shaped like `like` where this cache lives (come_runtime.cache_buffer)."""
+        return rt.cache_buffer(like, "disk" if self.spill else "pinned" if self.pin else "memory")
 
     def run_layer(self, layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
         return call_layer(layer, x, self.kwargs[layer_type(self.model.config, index)])
@@ -1768,10 +1759,11 @@ def prepare(args) -> Job:
     except Exception:
         if not args.dry_run:
             raise
-    chosen, args.nsamples = args.nsamples is None, args.nsamples or 256
+    size_chosen = args.nsamples is None         # come+ may then take more rows (its token rule)
+    args.nsamples = args.nsamples or 256
     if job.tokenizer is not None and not plan_in:
         try:
-            if chosen and "come+" in (args.compare or args.method).split(","):     # [OURS] come+'s token rule
+            if size_chosen and "come+" in (args.compare or args.method).split(","):
                 job.calib_ids, args.nsamples = ev.calibration_with_floor(
                     calib, job.tokenizer, args.nsamples, args.seqlen, args.seed,
                     REPAIR_TOKEN_FLOOR * config.intermediate_size, "come+: the least-squares refit")

@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -216,14 +217,25 @@ def device_of(module: nn.Module) -> torch.device:
     return torch.device(dev) if dev is not None else next(module.parameters()).device
 
 
-def pinned_or_pageable(like: torch.Tensor) -> torch.Tensor:
-    """An empty host tensor shaped like `like` in page-locked memory (asynchronous copies to and from the GPU), or in
-    ordinary memory where the system refuses to lock that much."""
-    try:
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-    except RuntimeError as e:
-        log(f"pinned host memory refused ({str(e)[:80]}); this boundary of the cache uses ordinary memory")
-        return torch.empty(like.shape, dtype=like.dtype)
+def cache_buffer(like: torch.Tensor, where: str) -> torch.Tensor:
+    """An uninitialised tensor shaped like `like` for the hidden-state cache: "memory" (next to `like`), "pinned"
+    (page-locked host memory: asynchronous copies to and from the GPU; ordinary memory where the system refuses to
+    lock that much) or "disk" (a memory-mapped file under the cache folder, unlinked at once: nothing is left
+    behind, and the space is freed with the tensor)."""
+    if where == "memory":
+        return torch.empty_like(like)
+    if where == "pinned":
+        try:
+            return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+        except RuntimeError as e:
+            log(f"pinned host memory refused ({str(e)[:80]}); this boundary of the cache uses ordinary memory")
+            return torch.empty(like.shape, dtype=like.dtype)
+    folder = cache_root() / "spill"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}-{time.perf_counter_ns()}.bin"
+    t = torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+    path.unlink()       # the mapping stays valid; the space is freed when the tensor is
+    return t
 
 
 def offloaded(module: nn.Module) -> bool:
