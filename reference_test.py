@@ -899,6 +899,17 @@ def test_drop_repair_equals_a_literal_least_squares_solve(method):
     assert len(model.model.layers) == 4 and (method != "reverse" or len(plan["steps"]) == 1)
 
 
+def test_drop_repair_with_a_huge_ridge_leaves_the_dropped_model_unchanged():
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(5))
+    plain, huge = make_tiny("llama-gqa"), make_tiny("llama-gqa")
+    come.sleb_prune(plain, ids, 4, come.ComeConfig(method="sleb"))
+    plan = come.sleb_prune(huge, ids, 4, come.ComeConfig(method="sleb", repair="lstsq", repair_alpha=1e12))
+    assert plan["tensors"] and all(s["repair"]["residual_after"] == pytest.approx(s["repair"]["residual_before"],
+                                                                                   rel=1e-6) for s in plan["steps"])
+    for (k, v), w in zip(plain.state_dict().items(), huge.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-8, msg=k)
+
+
 def test_replaceme_block_and_transform_equal_brute_force_and_literal_least_squares():
     """ReplaceMe's block: the mean angular distance of the last tokens between the states around every block of
     n layers (b >= 1), by brute force over a stock forward; its transform: one stacked least-squares solve."""
