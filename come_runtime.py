@@ -430,8 +430,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     evaluation = max(layer_activations + nll_logits, tasks[0] * tasks[1] * V * 2 * e if tasks else 0)
     suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco")
     transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
+                 # merged + candidate layer; concat_merge's largest weight: the result in fp32 (and the cast), plus
+                 # fp32 copies of both sources when they are not fp32 or when norms are folded into them
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
-                 + biggest * (3 * 4 + e),       # merged + candidate layer; per weight 2 sources + result in fp32
+                 + biggest * (4 * (1 + 2 * (e != 4 or cfg.fold_norms)) + e * (e != 4)),
                  "refit": repair * (per_layer * 4 * (e != 4) + (f * f * 3 + d * f * 5
                                     + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
                  "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
