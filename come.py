@@ -675,7 +675,7 @@ def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, 
 
 
 def come_plus(cfg: ComeConfig) -> ComeConfig:
-    """[OURS] --method come+: the best training-free CoMe measured on SmolLM2 (README, "come+").
+    """[OURS] --method come+: the best training-free CoMe measured on SmolLM2 (docs/results.md).
 
     CoMe's windows and ratios, norms folded into the kept rows (--fold-norms), and each merged layer's down_proj
     refit by ridge least squares to the window's output (--repair lstsq, alpha from --repair-alpha).
@@ -738,7 +738,7 @@ def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity
     return scores, best, tried
 
 
-# [OURS] The token rule of come+ (and of the repaired drop baselines it is compared with; README, "come+"): least
+# [OURS] The token rule of come+ (and of the repaired drop baselines it is compared with; docs/results.md): least
 # squares fits d_ff weights per output channel of down_proj, so it needs tokens in proportion to d_ff. come+
 # chooses a calibration size of at least REPAIR_TOKEN_FLOOR x d_ff tokens; a run with fewer tokens gets a ridge
 # that grows as tokens / d_ff falls.
@@ -911,7 +911,7 @@ def apply_plan(model, plan: dict, depth: int | None = None) -> dict:
 MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
           "qwen3": [5e-4, 2.5e-4, 5e-5, 2.5e-5, 1e-5, 7.5e-6]}
 # Unset post-training flags: the paper's settings for --post-train sp|mp [PAPER], ours for --post-train best [OURS]
-# (README "Post-training that recovers": chosen on held-out training text, never on the test split).
+# (docs/post-training.md: chosen on held-out training text, never on the test split).
 TRAIN_RECIPES = {"paper": {"train_samples": 256, "epochs": 1, "lr": 1e-5, "train_seqlen": None, "distill_loss": "kl",
                            "distill_targets": "merged", "train_all": False, "train_batch_size": None},
                  "best": {"train_samples": 1024, "epochs": 1, "lr": 1e-4, "train_seqlen": 512, "distill_loss": "kl",

@@ -1,6 +1,6 @@
 """What a come.py run needs beyond the method [OURS]: errors and logging, the cache folder and atomic writes, the
 device helpers for accelerate's device_map offload and torch FSDP2 CPU offload, peak memory, and the memory plan
-that places the hidden-state cache and refuses a run that cannot fit (README, "Paper scale").
+that places the hidden-state cache and refuses a run that cannot fit (docs/paper-scale.md).
 
 come.py (the method and the CLI) and come_eval.py (data and evaluation) import this module; it imports neither, so
 the import graph has no circle. Like come.py it needs only torch and transformers at import.
