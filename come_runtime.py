@@ -369,6 +369,7 @@ PAPER_CONFIGS = {
 
 CUDA_CONTEXT_GIB = 0.5      # GPU memory the CUDA context takes outside torch's allocator (typical, CUDA 12)
 ALLOCATOR_RESERVE = 0.05    # torch's caching allocator reserves more than it hands out (rounding, fragmentation)
+LM_EVAL_GIB = 0.25        # lm-eval, datasets and the task manager, imported and loaded (measured 0.19)
 TASK_ITEM_TOKENS = 2048     # longest lm-eval prompt + continuation planned for hub tasks (lm-eval truncates there)
 
 
@@ -445,13 +446,16 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         peak = weights * models + merged + max(transient.values())
         cached = parts[f"hidden-state cache ({where})"]
         phases["prune"] = {"gpu": (peak + cached * (where == "gpu")) * gpu * slack,
-                           "host": runtime + cached * (where != "gpu") + away + peak * (not gpu), "parts": parts,
+                           "host": runtime + cached * (where != "gpu") + away + peak * (not gpu)
+                           + LM_EVAL_GIB * GIB * bool(tasks and eval_while_pruning), "parts": parts,
                            "disk": cache * (where == "disk") + offload * per_layer * e * (not gpu)}
         if fits(phases["prune"], budget):
             break
-    eval_parts = {"weights": weights, "evaluation": evaluation}
-    phases["evaluate"] = {"gpu": sum(eval_parts.values()) * gpu * slack, "parts": eval_parts,
-                          "host": runtime + away + sum(eval_parts.values()) * (not gpu)}
+    # the merged layers stay (and, on a mapped checkpoint, the replaced layers' pages); lm-eval's own host memory
+    eval_parts = {"weights": weights, "merged layers": merged, "evaluation": evaluation}
+    harness = LM_EVAL_GIB * GIB * bool(tasks)
+    phases["evaluate"] = {"gpu": sum(eval_parts.values()) * gpu * slack, "parts": {**eval_parts, "lm-eval": harness},
+                          "host": runtime + away + harness + sum(eval_parts.values()) * (not gpu)}
     student_params = total - (L - target) * per_layer
     if tc:
         n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
