@@ -542,7 +542,7 @@ def describe_memory(plan: dict, what: str) -> str:
                                            else "") + (f"; {plan['offload_layers']} layers offloaded"
                                                        if plan.get("offload_layers") else "") + "):"]
     for phase, v in plan["memory"].items():
-        parts = sorted(v["parts_bytes"].items(), key=lambda kv: -kv[1])[:4]
+        parts = sorted(((k, x) for k, x in v["parts_bytes"].items() if x), key=lambda kv: -kv[1])[:4]
         lines.append(f"  {phase:10s} GPU {v['gpu_gib']:7.2f} GiB  host {v['host_gib']:7.2f} GiB"
                      + (f"  disk {v['disk_gib']:.2f} GiB" if v.get("disk_gib") else "") + "  ("
                      + ", ".join(f"{k} {x / 2**30:.2f}" for k, x in parts) + ")")
