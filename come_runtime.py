@@ -429,6 +429,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     layer_activations = seqlen * (3 * f + 2 * d) * e
     nll_logits = 512 * V * 4 * 2
     evaluation = max(layer_activations + nll_logits, tasks[0] * tasks[1] * V * 2 * e if tasks else 0)
+    harness = LM_EVAL_GIB * GIB * bool(tasks)          # lm-eval's own host memory once tasks run
     suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco")
     transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
                  # merged + candidate layer; concat_merge's largest weight: the result in fp32 (and the cast), plus
@@ -447,13 +448,12 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         cached = parts[f"hidden-state cache ({where})"]
         phases["prune"] = {"gpu": (peak + cached * (where == "gpu")) * gpu * slack,
                            "host": runtime + cached * (where != "gpu") + away + peak * (not gpu)
-                           + LM_EVAL_GIB * GIB * bool(tasks and eval_while_pruning), "parts": parts,
+                           + harness * eval_while_pruning, "parts": parts,
                            "disk": cache * (where == "disk") + offload * per_layer * e * (not gpu)}
         if fits(phases["prune"], budget):
             break
-    # the merged layers stay (and, on a mapped checkpoint, the replaced layers' pages); lm-eval's own host memory
+    # the merged layers stay (and, on a mapped checkpoint, the replaced layers' pages)
     eval_parts = {"weights": weights, "merged layers": merged, "evaluation": evaluation}
-    harness = LM_EVAL_GIB * GIB * bool(tasks)
     phases["evaluate"] = {"gpu": sum(eval_parts.values()) * gpu * slack, "parts": {**eval_parts, "lm-eval": harness},
                           "host": runtime + away + harness + sum(eval_parts.values()) * (not gpu)}
     student_params = total - (L - target) * per_layer
