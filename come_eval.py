@@ -2,8 +2,8 @@
 out-of-domain book), GPTQ-protocol perplexity, lm-eval tasks, the generated offline tasks (the in-domain suite and
 the out-of-domain cloze), result tables and the --compare report.
 
-Kept apart from come.py so that come.py reads as the method; come.py imports this module, and this module imports
-only come_runtime. Imports beyond torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions
+Kept apart from come.py so that come.py reads as the method: this module imports come.py and come_runtime.py, and
+come_cli.py (the command line) imports it; come.py never does. Imports beyond torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions
 that need them.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch.nn.functional as F
 
-from come_runtime import TASK_ITEM_TOKENS, ComeError, cache_root, device_of, log, progress_bar, write_folder
+from come import ComeError, device_of, log, progress_bar, token_nll
+from come_runtime import TASK_ITEM_TOKENS, cache_root, write_folder
 
 
 # ============================================================================ text sources and calibration windows
@@ -253,21 +253,6 @@ def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
     text = " ".join(rows) if source == "c4" else "\n\n".join(rows)
     ids = tokenizer(text, return_tensors="pt").input_ids
     return ids[:, :256 * seqlen] if source == "c4" else ids
-
-
-def token_nll(model, hidden: torch.Tensor, ids: torch.Tensor, normed: bool, chunk: int = 512) -> tuple[float, int]:
-    """(sum of next-token NLL, token count) from decoder hidden states, in token chunks to bound logits memory."""
-    head = model.get_output_embeddings()
-    dev = device_of(head)
-    hidden, ids = hidden.to(dev), ids.to(dev)
-    hidden = hidden if normed else model.model.norm(hidden)
-    total, T = 0.0, ids.shape[1]
-    for s in range(0, T - 1, chunk):
-        e = min(s + chunk, T - 1)
-        logits = head(hidden[:, s:e]).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, s + 1:e + 1].reshape(-1),
-                                 reduction="sum").item()
-    return total, ids.shape[0] * (T - 1)
 
 
 @torch.inference_mode()

@@ -1,16 +1,15 @@
-"""What a come.py run needs beyond the method [OURS]: errors and logging, the cache folder and atomic writes, the
-device helpers for accelerate's device_map offload and torch FSDP2 CPU offload, peak memory, and the memory plan
-that places the hidden-state cache and refuses a run that cannot fit (docs/paper-scale.md).
+"""What a come.py run needs beyond the method [OURS]: the cache folder and atomic writes, plans on disk, the
+hidden-state cache on disk, accelerate's device_map offload and torch FSDP2 CPU offload, peak memory, and the memory
+plan that places the hidden-state cache and refuses a run that cannot fit (docs/paper-scale.md).
 
-come.py (the method and the CLI) and come_eval.py (data and evaluation) import this module; it imports neither, so
-the import graph has no circle. Like come.py it needs only torch and transformers at import.
+Imports: come.py (the error class, logging, device helpers) and nothing else of the repository; come_eval.py and
+come_cli.py import this module. come.py loads it only inside its opt-in paths (a disk cache, --train-memory offload).
+Like come.py it needs only torch and transformers at import.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import resource
@@ -23,24 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-
-class ComeError(Exception):
-    """A user-facing error: the message says what went wrong and what to do."""
-
-
-def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":      # under torchrun only rank 0 talks
-        print(msg, file=sys.stderr, flush=True)
-
-
-def progress_bar(iterable, desc: str, total: int | None = None):
-    """tqdm progress bar when tqdm is installed (quiet on torchrun ranks other than 0); plain iteration otherwise."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    quiet = None if os.environ.get("RANK", "0") == "0" else True
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=quiet, dynamic_ncols=True)
+from come import ComeError, device_of, log
 
 
 def cache_root() -> Path:
@@ -188,81 +170,16 @@ def read_progress(path: Path, identity: dict) -> dict | None:
     return plan["merge"]
 
 
-def fingerprint(model) -> dict:
-    """What identifies the base model a plan applies to: its shapes and a checksum of a few weights."""
-    c, layers, digest = model.config, model.model.layers, hashlib.sha256()
-    with materialized(model.get_input_embeddings()) as embed, materialized(layers[0]) as first, \
-            materialized(layers[-1]) as last:
-        probe = [embed.weight[:8], first.self_attn.q_proj.weight[:4], last.mlp.down_proj.weight[:4]]
-    for t in probe:   # bf16-rounded, so the same weights loaded in another dtype still match
-        digest.update(t.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
-    return {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-            "vocab_size": c.vocab_size, "weights_sha256": digest.hexdigest()}
-
-
-def check_fingerprint(model, plan: dict) -> None:
-    have, want = fingerprint(model), plan["base_fingerprint"]
-    diff = [k for k in want if have.get(k) != want[k]]
-    if diff:
-        raise ComeError(f"the plan was made for a different base model ({plan.get('base_model')}): "
-                        f"{', '.join(f'{k} {want[k]} != {have.get(k)}' for k in diff)}")
-
-
 # ============================================================================ devices: device_map and FSDP2 offload
-def device_of(module: nn.Module) -> torch.device:
-    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
-    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    return torch.device(dev) if dev is not None else next(module.parameters()).device
-
-
-def cache_buffer(like: torch.Tensor, where: str) -> torch.Tensor:
-    """An uninitialised tensor shaped like `like` for the hidden-state cache: "memory" (next to `like`), "pinned"
-    (page-locked host memory: asynchronous copies to and from the GPU; ordinary memory where the system refuses to
-    lock that much) or "disk" (a memory-mapped file under the cache folder, unlinked at once: nothing is left
-    behind, and the space is freed with the tensor)."""
-    if where == "memory":
-        return torch.empty_like(like)
-    if where == "pinned":
-        try:
-            return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-        except RuntimeError as e:
-            log(f"pinned host memory refused ({str(e)[:80]}); this boundary of the cache uses ordinary memory")
-            return torch.empty(like.shape, dtype=like.dtype)
+def disk_buffer(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like `like` in a memory-mapped file under the cache folder, unlinked at once:
+    nothing is left behind, and the space is freed with the tensor (the hidden-state cache on disk)."""
     folder = cache_root() / "spill"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{os.getpid()}-{time.perf_counter_ns()}.bin"
     t = torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
     path.unlink()       # the mapping stays valid; the space is freed when the tensor is
     return t
-
-
-def offloaded(module: nn.Module) -> bool:
-    """Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
-    return any(p.device.type == "meta" for p in module.parameters())
-
-
-@contextlib.contextmanager
-def materialized(module: nn.Module):
-    """The module with every offloaded weight on its execution device for the duration, loaded once.
-
-    accelerate's hooks copy an offloaded module's weights in before every forward and drop them after; inside this
-    context they stay, so a loop over windows pays one copy per layer instead of one per window.
-    """
-    hooked = []
-    if offloaded(module):
-        from accelerate.utils import has_offloaded_params
-        hooked = [m for m in module.modules() if has_offloaded_params(m)]
-    try:
-        for m in hooked:
-            m._hf_hook.pre_forward(m)
-            m._hf_hook.offload = False      # later forwards find the weights in place
-        yield module
-    finally:
-        for m in hooked:
-            m._hf_hook.offload = True
-            m._hf_hook.post_forward(m, None)
 
 
 def load_model(path: str, device: str, dtype: torch.dtype, offload: int = 0):

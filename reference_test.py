@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import come
+import come_cli
 import come_eval
 import come_runtime
 from conftest import FAMILIES, TINY, make_tiny, tiny_text
@@ -1633,16 +1634,16 @@ def test_plan_counts_the_model_copy_of_a_standalone_weightsum(tiny_folder, calib
 
 
 def test_tests_other_than_gpu_run_on_the_cpu():
-    args = come.build_parser().parse_args([])
+    args = come_cli.build_parser().parse_args([])
     assert args.device == "cpu" and args.dtype == "auto" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_dry_run_of_a_hub_model_never_waits_for_the_network(tmp_path, monkeypatch, capsys):
     seen = []
-    real_config, real_tok = come.AutoConfig.from_pretrained, come.AutoTokenizer.from_pretrained
-    monkeypatch.setattr(come.AutoConfig, "from_pretrained",
+    real_config, real_tok = come_cli.AutoConfig.from_pretrained, come_cli.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(come_cli.AutoConfig, "from_pretrained",
                         lambda name, **k: seen.append(("config", k)) or real_config(name, **k))
-    monkeypatch.setattr(come.AutoTokenizer, "from_pretrained",
+    monkeypatch.setattr(come_cli.AutoTokenizer, "from_pretrained",
                         lambda name, **k: seen.append(("tokenizer", k)) or real_tok(name, **k))
     monkeypatch.delenv("HF_HUB_OFFLINE")        # as a user without the variable: only local_files_only keeps it off
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 64,
