@@ -366,7 +366,8 @@ class HiddenStates:
                  score_windows: int | None = None):
         self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
         self.score_windows = score_windows
-        on_gpu = device_of(model.get_input_embeddings()).type == "cuda"
+        self.device = device_of(model.get_input_embeddings())     # where the windows compute
+        on_gpu = self.device.type == "cuda"
         self.pin = on_gpu and torch.device("cpu" if self.spill else placement).type == "cpu" and not self.spill
         n_layers, hidden, dtype = len(decoder_layers(model)), model.config.hidden_size, next(model.parameters()).dtype
         if self.spill:      # refuse before the first pass rather than die of SIGBUS when the disk fills up
@@ -396,7 +397,7 @@ class HiddenStates:
                 assert act.calls == [n, n], f"layer {l}: hooks fired {act.calls} times for {n} windows"
                 activity.append(act)
         if self.pin:
-            torch.cuda.synchronize()    # the copies into pinned memory are asynchronous; the CPU reads them next
+            torch.cuda.synchronize(self.device)    # the copies into pinned memory are asynchronous; the CPU reads them next
         return activity
 
     def after_merge(self, start: int, n: int) -> None:
@@ -425,7 +426,7 @@ class HiddenStates:
                     for i in range(n):
                         scratch[i:i + 1].copy_(self.run_layer(layer, index, scratch[i:i + 1]), non_blocking=True)
             if self.pin:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.device)
             for i in range(n):
                 yield i, scratch[i:i + 1]
 

@@ -338,9 +338,10 @@ def job_identity(job: Job) -> dict:
 
 def prepare(args) -> Job:
     """Resolve the arguments, read the config, tokenize the calibration text and plan memory; fail fast."""
-    rank, world, args.device = rt.distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
+    rank, world, device = rt.distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
+    args.device = rt.resolve_device(device)      # "cuda" -> "cuda:N", once; every CUDA call below takes it
     if args.device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(torch.device(args.device))     # --device cuda:N: every kernel and FSDP2 on GPU N
+        torch.cuda.set_device(torch.device(args.device))     # every kernel and FSDP2 on the run's GPU
     plan_in = rt.read_plan(args.apply_plan) if args.apply_plan else None
     if plan_in and args.sparsity is not None:
         raise ComeError("--apply-plan fixes the depth (--target-layers picks a shallower depth the plan passes "

@@ -223,6 +223,24 @@ def offload_layers(layers: nn.ModuleList, js: list[int]) -> dict:
     return templates
 
 
+def resolve_device(device: str) -> str:
+    """The run's device, resolved once: "cuda" becomes "cuda:N" (N: the current GPU) and "cuda:N" is checked against
+    the GPUs torch sees, so that every CUDA call after it (set_device, synchronize, peak memory, the FSDP2 mesh) names
+    one indexed device. Without CUDA (a --dry-run for a GPU) "cuda" plans for "cuda:0"."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ComeError(f"--device {device} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return str(dev)
+    if not torch.cuda.is_available():
+        return f"cuda:{dev.index or 0}"
+    count, index = torch.cuda.device_count(), torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= count:
+        raise ComeError(f"--device {device}: torch sees {count} GPU(s) here, cuda:0 .. cuda:{count - 1}")
+    return f"cuda:{index}"
+
+
 def distributed(device: str) -> tuple[int, int, str]:
     """(rank, world size, device of this rank) under torchrun; (0, 1, device) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

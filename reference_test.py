@@ -691,6 +691,40 @@ def test_refit_of_a_bf16_model_recomputes_the_layer_in_float32():
     assert (w16.float() - w32).abs().max() <= w32.abs().max() * 2 ** -8      # one bf16 rounding of the same weight
 
 
+def test_refit_of_a_bf16_model_on_its_own_cache_equals_a_float32_recomputation():
+    """The real bf16 path: a bf16 model and its own cache (bf16 states; rotary tables captured in bf16 by its own
+    forward). Oracle: a float32 copy of the layer (bf16-exact weights) run by a stock call on the same bf16 states
+    with the same captured tables in float32, and a literal float64 ridge solve. Both sides compute in float32 from
+    identical inputs, so they differ by float32 rounding alone (~1e-6 relative; 1e-4 allowed on the residuals); a
+    recomputation in bf16 rounds z and the layer output to 8 bits (2^-9 relative), which moves the residuals by
+    about 1e-3. The weights are returned in bf16: within one bf16 rounding (2^-8 relative) of the oracle's."""
+    model = make_tiny("qwen2").to(torch.bfloat16)
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(4))
+    cache = come.HiddenStates(model, ids)
+    cache.refresh(0)
+    targets = cache.states[3]
+    W, info = come.refit_projection(cache, 1, targets, "lstsq", 1e-2)
+    layer = copy.deepcopy(come.decoder_layers(model)[1]).float()
+    seen = []
+    hook = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    kwargs = cache.kwargs[come.layer_type(model.config, 1)]
+    as_fp32 = {k: tuple(t.float() for t in v) if isinstance(v, tuple) else
+               v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        outs = [layer(cache.states[1][i:i + 1].float(), **as_fp32) for i in range(3)]
+    hook.remove()
+    d, W0 = model.config.hidden_size, layer.mlp.down_proj.weight.detach().double()
+    Z = torch.cat([z.reshape(-1, 172) for z in seen]).double()
+    out = torch.cat([o.reshape(-1, d) for o in outs]).double()
+    R = targets.reshape(-1, d).double() - out + Z @ W0.T
+    want = literal_ridge(Z, R, W0, 1e-2)
+    assert W.dtype == torch.bfloat16
+    assert ((W.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+    residual = {k: (((R - Z @ w.T) ** 2).sum() / (R ** 2).sum()).item() for k, w in (("before", W0), ("after", want))}
+    assert info["residual_before"] == pytest.approx(residual["before"], rel=1e-4)
+    assert info["residual_after"] == pytest.approx(residual["after"], rel=1e-4)
+
+
 def test_repair_scale_equals_per_channel_ridge_and_huge_alpha_changes_nothing():
     cache, targets, U, Z, Y = repair_case(1)
     W0 = come.decoder_layers(cache.model)[1].mlp.down_proj.weight.detach().double()
@@ -811,6 +845,62 @@ def test_row_calibration_is_seeded_shuffle(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a[:1], c[:1])
 
 
+STANDALONE = """
+import os, sys, warnings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # the folder of the lone copy, nothing else
+import torch
+import come
+from transformers import AutoConfig, AutoModelForCausalLM
+warnings.simplefilter("ignore")
+config_dir, out = sys.argv[1], {}
+def model():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
+ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum", "replaceme", "sleb+repair"):
+    method = name.split("+repair")[0] if name.endswith("repair") else name
+    cfg = come.ComeConfig(method=method, span=come.span_for(method, None), granularity=2,
+                          repair="lstsq" if name.endswith("repair") else "none")
+    m = model()
+    plan = come.PRUNERS[method](m, ids, 4, come.come_plus(cfg) if method == "come+" else cfg)
+    out[name] = len(come.decoder_layers(m))
+teacher, student = model(), model()
+plan = come.come_prune(student, ids, 4, come.ComeConfig())
+for mode in ("mp", "sp"):
+    rows = come.post_train(student, teacher, plan["tree"], ids, come.TrainConfig(mode=mode, lr=1e-3))["layers"]
+    out[mode] = all(r["loss_after"] < r["loss_before"] for r in rows)
+try:
+    come.HiddenStates(model(), ids, "disk")
+except come.ComeError as e:
+    out["disk"] = str(e)
+out["modules"] = sorted(m for m in sys.modules if m.startswith("come"))
+print(out)
+"""
+
+
+def test_come_py_alone_prunes_with_every_method_and_post_trains(tmp_path):
+    """come.py copied alone into an empty folder: every method and both post-trainings run with torch and transformers
+    only; the opt-in paths (disk cache, the CLI) say in one line which file they need beside it."""
+    import subprocess
+    import sys
+    (tmp_path / "come.py").write_bytes(Path(come.__file__).read_bytes())
+    (tmp_path / "check.py").write_text(STANDALONE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-I", "check.py", str(TINY / "llama-gqa")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = eval(run.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in out.items() if k not in ("mp", "sp", "disk", "modules")} == {
+        name: 4 for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum",
+                             "replaceme", "sleb+repair")}
+    assert out["mp"] and out["sp"] and out["modules"] == ["come"]
+    assert "come_runtime.py next to come.py" in out["disk"]
+    cli_run = subprocess.run([sys.executable, "-I", "come.py", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert cli_run.returncode == 2 and "come_cli.py next to come.py" in cli_run.stderr
+    assert "Traceback" not in cli_run.stderr
+
+
 # ============================================================================ baselines (SPEC §13)
 @pytest.mark.parametrize("method", ["shortgpt", "sleb", "laco", "weightsum", "reverse"])
 @pytest.mark.parametrize("family", ["llama-mha", "llama-gqa"])
@@ -888,7 +978,8 @@ def test_drop_repair_equals_a_literal_least_squares_solve(method):
     plan = come.PRUNERS[method](copy.deepcopy(base), ids, 4, cfg)
     model = copy.deepcopy(base)
     for step in plan["steps"]:
-        first, n, fixed = step["layer"], step.get("count", 1), step["repair"]["layer"]
+        first, n, fixed = step["layer"], step.get("count", 1), step["layer"] - 1     # the layer before the cut
+        assert step["repair"]["layer"] == fixed, step
         target = raw_states(model, ids)[first + n].reshape(-1, 72).double()      # the state leaving the span
         come.keep_layers(model, [i for i in range(len(model.model.layers)) if not first <= i < first + n])
         io = mlp_and_layer_io(model, fixed, ids)
@@ -898,6 +989,39 @@ def test_drop_repair_equals_a_literal_least_squares_solve(method):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-3), step
         come.set_weight(model, fixed, "mlp.down_proj.weight", plan["tensors"][step["repair"]["tensor"]])
     assert len(model.model.layers) == 4 and (method != "reverse" or len(plan["steps"]) == 1)
+
+
+def test_a_repaired_drop_at_layer_0_drops_unrepaired_and_the_next_removal_reads_the_repaired_model(monkeypatch):
+    """A drop of layer 0 has no layer before the cut: it is recorded unrepaired, the model equals the plain drop,
+    and SLEB's next removal (on the repaired model) is the brute-force best over whole stock forwards."""
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(5))
+    real, calls = come.skip_nll, []
+
+    def first_removal_at_0(cache, span):       # SLEB's first removal forced to layer 0, the later ones its own
+        scores = real(cache, span)
+        calls.append(scores)
+        return [-1.0] + scores[1:] if len(calls) == 1 else scores
+    monkeypatch.setattr(come, "skip_nll", first_removal_at_0)
+    model = copy.deepcopy(base)
+    plan = come.sleb_prune(model, ids, 5, come.ComeConfig(method="sleb", repair="lstsq", repair_alpha=0.05))
+    first, second = plan["steps"]
+    assert first["layer"] == 0 and first["repair"] is None and first["original"] == [0]
+    dropped = copy.deepcopy(base)
+    come.keep_layers(dropped, list(range(1, 7)))
+    losses = []
+    for l in range(6):        # brute force: remove each layer of the model after the first removal
+        trial = copy.deepcopy(dropped)
+        come.keep_layers(trial, [i for i in range(6) if i != l])
+        losses.append(whole_model_nll(trial, ids))
+    assert second["layer"] == min(range(6), key=losses.__getitem__)
+    assert second["nll"] == pytest.approx(min(losses), rel=1e-5)
+    assert second["repair"]["layer"] == second["layer"] - 1 if second["layer"] else second["repair"] is None
+    replayed = copy.deepcopy(base)
+    come.apply_plan(replayed, {"merge": plan, "config": {"fold_norms": False},
+                               "base_fingerprint": come.fingerprint(base)})
+    for (k, v), w in zip(model.state_dict().items(), replayed.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 def test_drop_repair_with_a_huge_ridge_leaves_the_dropped_model_unchanged():
@@ -932,6 +1056,26 @@ def test_replaceme_block_and_transform_equal_brute_force_and_literal_least_squar
     T = torch.linalg.lstsq(io["m"], target).solution
     want = T.T @ base.model.layers[b - 1].mlp.down_proj.weight.detach().double()
     assert torch.allclose(plan["tensors"][step["repair"]["tensor"]].double(), want, atol=1e-4, rtol=1e-3)
+    # the pruned model: a stock model without the block, its layer b-1's down_proj = T^T W_down
+    pruned = copy.deepcopy(base)
+    come.replaceme_prune(pruned, ids, 4, come.ComeConfig(method="replaceme"))
+    config = copy.deepcopy(base.config)
+    keep = [i for i in range(7) if not b <= i < b + n]
+    config.num_hidden_layers, config.layer_types = len(keep), [config.layer_types[i] for i in keep]
+    config.max_window_layers = sum(i < config.max_window_layers for i in keep)
+    stock = AutoModelForCausalLM.from_config(config).eval()
+    state = {}
+    for k, v in base.state_dict().items():
+        if k.startswith("model.layers."):
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            if int(i) in keep:
+                state[f"model.layers.{keep.index(int(i))}.{rest}"] = v
+        else:
+            state[k] = v
+    state[f"model.layers.{b - 1}.mlp.down_proj.weight"] = want.float()
+    stock.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, stock(ids).logits, atol=1e-3, rtol=1e-3)
 
 
 def test_weightsum_with_ratio_one_zero_is_the_first_layer():
@@ -1636,6 +1780,83 @@ def test_plan_counts_the_model_copy_of_a_standalone_weightsum(tiny_folder, calib
 def test_tests_other_than_gpu_run_on_the_cpu():
     args = come_cli.build_parser().parse_args([])
     assert args.device == "cpu" and args.dtype == "auto" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+class StrictFakeCuda:
+    """torch.cuda as a machine with `count` GPUs answers it, as strict as the real one where it matters: set_device
+    refuses a device without an index (torch raises ValueError for torch.device("cuda")), and every call that
+    takes a device here demands an indexed one, so that no CUDA call of a run relies on the current device."""
+
+    def __init__(self, monkeypatch, count: int = 1, free_gib: float = 40.0):
+        self.count, self.current, self.calls, self.free = count, 0, [], free_gib * 2**30
+        fakes = {"is_available": lambda: True, "device_count": lambda: count, "current_device": lambda: self.current,
+                 "set_device": self.set_device, "empty_cache": lambda: None, "mem_get_info": self.mem_get_info,
+                 "synchronize": self.indexed("synchronize"), "max_memory_reserved": self.indexed("max_memory_reserved"),
+                 "max_memory_allocated": self.indexed("max_memory_allocated"),
+                 "reset_peak_memory_stats": self.indexed("reset_peak_memory_stats")}
+        for name, fake in fakes.items():
+            monkeypatch.setattr(torch.cuda, name, fake)
+
+    def index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index
+        if index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        if not 0 <= index < self.count:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        return index
+
+    def set_device(self, device) -> None:
+        self.current = self.index(device)
+        self.calls.append(("set_device", self.current))
+
+    def indexed(self, name: str):
+        def call(device=None):
+            if device is None:
+                raise AssertionError(f"torch.cuda.{name}() without a device: it would act on the current one")
+            self.calls.append((name, self.index(device)))
+            return 0
+        return call
+
+    def mem_get_info(self, device=None) -> tuple[int, int]:
+        self.indexed("mem_get_info")(device)
+        return int(self.free), int(2 * self.free)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", None])
+def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny_folder, calib_txt, tmp_path,
+                                                                    monkeypatch):
+    """--device cuda (and the default on a GPU machine) becomes cuda:0 before set_device, the memory plan's
+    mem_get_info and the peak-memory calls; the real set_device refuses an index-less device."""
+    cuda = StrictFakeCuda(monkeypatch)
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda.set_device(torch.device("cuda"))        # the fake is as strict as torch
+    args = come_cli.build_parser().parse_args(
+        ["--model", str(tiny_folder("llama-gqa")), "--calib", str(calib_txt), "--seqlen", "32", "--target-layers", "4",
+         "--dry-run", "--save", str(tmp_path / "o")] + (["--device", device] if device else []))
+    assert args.device == (device or "cuda")           # the default on a machine with a GPU
+    job = come_cli.prepare(args)
+    assert job.args.device == "cuda:0" and job.dtype == torch.bfloat16
+    assert ("set_device", 0) in cuda.calls and ("mem_get_info", 0) in cuda.calls
+    assert job.memory["budget_gib"]["gpu"] == 40.0 and job.memory["cache"] == "gpu"
+    job.gpu_phase("prune")          # peak memory of the run's device, then reset
+    assert job.facts["gpu_peaks"]["prune"] == {"reserved_gib": 0.0, "allocated_gib": 0.0}
+    assert {name for name, _ in cuda.calls} >= {"max_memory_reserved", "max_memory_allocated",
+                                                 "reset_peak_memory_stats"}
+    plan = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
+               "--dry-run", *(["--device", device] if device else []))           # the whole CLI path
+    assert plan["cache"] == "gpu"
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_and_the_current_gpu_is_kept(tiny_folder, calib_txt, tmp_path,
+                                                                               monkeypatch, capsys):
+    cuda = StrictFakeCuda(monkeypatch, count=2)
+    cuda.set_device(1)
+    assert come_runtime.resolve_device("cuda") == "cuda:1" and come_runtime.resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(come.ComeError, match="not a device"):
+        come_runtime.resolve_device("gpu")
+    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32,
+                 "--target-layers", 4, "--device", "cuda:2", "--save", tmp_path / "o", match=r"torch sees 2 GPU")
+    assert come_runtime.resolve_device("cpu") == "cpu"
 
 
 def test_dry_run_of_a_hub_model_never_waits_for_the_network(tmp_path, monkeypatch, capsys):
