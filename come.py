@@ -360,10 +360,11 @@ class HiddenStates:
     [OURS] `placement` "disk" keeps every boundary in a memory-mapped file under the cache folder (unlinked at once,
     so nothing is left behind): the kernel pages it in and out, and results are bit-identical to a RAM cache. A
     host-memory cache of a model on a GPU is pinned, so that windows move to and from the GPU without a staging copy.
+    `copies`: copies of every boundary the caller will keep on disk (the disk check counts them before any pass).
     """
 
     def __init__(self, model, ids: torch.Tensor, placement: torch.device | str = "cpu",
-                 score_windows: int | None = None):
+                 score_windows: int | None = None, copies: int = 1):
         self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
         self.score_windows = score_windows
         self.device = device_of(model.get_input_embeddings())     # where the windows compute
@@ -372,7 +373,7 @@ class HiddenStates:
         n_layers, hidden, dtype = len(decoder_layers(model)), model.config.hidden_size, next(model.parameters()).dtype
         if self.spill:      # refuse before the first pass rather than die of SIGBUS when the disk fills up
             rt = _beside("come_runtime", "a hidden-state cache on disk")
-            rt.check_disk_space(rt.cache_root(), (n_layers + 1) * ids.numel() * hidden * dtype.itemsize)
+            rt.check_disk_space(rt.cache_root(), copies * (n_layers + 1) * ids.numel() * hidden * dtype.itemsize)
         h0, self.kwargs = layer_inputs(model, ids, batch=1, store=torch.device("cpu" if self.spill else placement))
         first = self.buffer(h0).copy_(h0) if self.spill or self.pin else h0
         self.states = [first] + [self.buffer(h0) for _ in range(n_layers)]
@@ -667,7 +668,9 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         for step in resume["steps"]:
             replay_step(model, step, cfg.fold_norms, resume.get("tensors"))
         tree, steps, tensors = [list(t) for t in resume["tree"]], list(resume["steps"]), dict(resume.get("tensors", {}))
-    cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows)
+    # [OURS] --repair-target dense keeps a second copy of the boundaries (the original model's), counted up front
+    copies = 2 if cfg.repair != "none" and cfg.repair_target == "dense" else 1
+    cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows, copies)
     activity: list[ChannelActivity | None] = [None] * len(tree)
     while len(tree) > target_layers:                            # Alg.1 step 2
         t0 = time.perf_counter()

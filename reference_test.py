@@ -1766,6 +1766,37 @@ def test_disk_cache_without_the_space_is_refused_before_any_calibration_pass(tin
     assert not passes
 
 
+def test_disk_check_counts_every_copy_the_run_spills(monkeypatch):
+    """With exactly the bytes of one cache copy free, a plain prune starts and --repair-target dense (a second copy:
+    the original model's boundaries) is refused before its first pass."""
+    model, ids = make_tiny("llama-gqa"), torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    one_copy = (7 + 1) * ids.numel() * 72 * 4         # 8 boundaries x tokens x hidden x float32
+    monkeypatch.setattr(come_runtime, "free_disk_bytes", lambda folder: one_copy)
+    come.HiddenStates(model, ids, "disk")          # fits exactly
+    passes = []
+    monkeypatch.setattr(come, "layer_inputs", lambda *a, **k: passes.append(1))
+    with pytest.raises(come.ComeError, match="on disk needs"):
+        come.come_prune(model, ids, 5, come.ComeConfig(repair="lstsq", repair_target="dense"), cache_device="disk")
+    assert not passes
+
+
+def test_pinned_cache_buffer_falls_back_to_ordinary_memory_when_the_system_refuses(monkeypatch, capsys):
+    real_empty, asked = torch.empty, []
+
+    def refusing_empty(*shape, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real_empty(*shape, **kwargs)
+    monkeypatch.setattr(torch, "empty", refusing_empty)
+    like = torch.ones(3, 5, 7, dtype=torch.bfloat16)
+    buf = come.cache_buffer(like, "pinned")
+    assert asked == [True, False] and buf.shape == like.shape and buf.dtype == like.dtype
+    assert buf.device.type == "cpu" and not buf.is_pinned()
+    assert "pinned host memory refused" in capsys.readouterr().err
+    assert come.cache_buffer(like, "memory").shape == like.shape        # the plain buffer asks for no pinning
+
+
 def test_plan_counts_the_model_copy_of_a_standalone_weightsum(tiny_folder, calib_txt, tmp_path):
     plans = {}
     for method in ("come", "weightsum"):
@@ -1994,11 +2025,23 @@ def test_generated_tasks_score_like_a_literal_loglikelihood_argmax_with_stderr()
                                                                                 lambda d: d["query"]))
 
 
+def book_parts_from_the_file() -> dict[str, dict[int, str]]:
+    """Oracle: the book split straight from data/moby_dick.txt's headings ("CHAPTER N. ..." lines and "Epilogue"),
+    whitespace-normalised: even chapters and the Epilogue (136) are the test part, odd ones the selection part."""
+    import re
+    text = (Path(come_eval.__file__).parent / "data" / "moby_dick.txt").read_text(encoding="utf-8")
+    marks = [(m.start(), int(m.group(1) or 136)) for m in re.finditer(r"^(?:CHAPTER (\d+)\. |Epilogue$)", text, re.M)]
+    spans = {n: " ".join(text[a:b].split()) for (a, n), (b, _) in zip(marks, marks[1:] + [(len(text), 0)])}
+    assert sorted(spans) == list(range(1, 137))
+    return {"test": {n: s for n, s in spans.items() if n % 2 == 0}, "selection": {n: s for n, s in spans.items() if n % 2}}
+
+
 def test_book_cloze_items_come_from_the_test_part_only():
     chapters = come_eval.book_chapters()
     items = come_eval.local_task_items("book_cloze")["moby_cloze"]
     test_text = {n: text for n, text in chapters if n % 2 == 0}
-    selection_text = "\n".join(text for n, text in chapters if n % 2 == 1)
+    parts = book_parts_from_the_file()
+    selection_text = "\n".join(parts["selection"].values())
     assert len(items) >= 300 and {i["chapter"] for i in items} <= set(test_text)
     for item in items:
         answer = item["choices"][item["answer"]]
@@ -2006,7 +2049,9 @@ def test_book_cloze_items_come_from_the_test_part_only():
         assert item["query"].split("\n")[-1][-60:] + " " + answer in flat        # the true last word, in place
         assert item["query"][-80:] not in selection_text
         assert len({c.lower() for c in item["choices"]}) == 4
-    assert come_eval.book_rows("test") == [t for n, t in chapters if n % 2 == 0]
+        assert item["chapter"] in parts["test"] and item["query"][-80:].split("\n")[-1] in parts["test"][item["chapter"]]
+    for split, oracle in (("test", parts["test"]), ("train", parts["selection"])):
+        assert [" ".join(row.split()) for row in come_eval.book_rows(split)] == list(oracle.values())
 
 
 def test_lm_eval_local_task_on_in_memory_pruned_model_matches_naive_loglikelihood():
@@ -2270,12 +2315,15 @@ def test_cuda_bf16_merges_equal_cpu_bf16_merges():
 @pytest.mark.gpu
 def test_catcher_keeps_one_host_copy_of_a_cuda_model():
     model = make_tiny("llama-gqa").cuda()
-    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     h0, _ = come.layer_inputs(model, ids, batch=1, store=torch.device("cpu"))
     torch.cuda.synchronize()
-    assert h0.device.type == "cpu" and h0.shape == (4, 32, 72)
+    assert h0.device.type == "cpu" and h0.shape == (16, 32, 72)
+    # the peak DURING the call: one window's embeddings and the layer kwargs, never every window's h_0 at once
+    assert torch.cuda.max_memory_allocated() - before < h0.numel() * h0.element_size() / 2
     assert torch.cuda.memory_allocated() - before < h0.numel() * h0.element_size()     # no copy left on the GPU
 
 
