@@ -1376,11 +1376,12 @@ def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
 
 
 def replaceme_distances(states: list[torch.Tensor], n: int) -> list[float]:
-    """ReplaceMe's block score: mean angular distance arccos(cos)/pi of the last token of each calibration window
-    between the state entering layer b and the state leaving layer b+n-1, for every block start b >= 1."""
+    """ReplaceMe's block score: mean angular distance arccos(cos)/pi over every calibration token between the state
+    entering layer b and the state leaving layer b+n-1, for every block start b >= 1."""
+    # INTERPRETATION: every token, not one last token a window (ReplaceMe's default): 13 windows gave 13 vectors.
     out = []
     for b in range(1, len(states) - n):
-        cos = torch.cat([_row_cosine(states[b][i, -1:], states[b + n][i, -1:]) for i in range(states[b].shape[0])])
+        cos = torch.cat([_row_cosine(states[b][i], states[b + n][i]) for i in range(states[b].shape[0])])
         out.append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
     return out
 
@@ -1389,7 +1390,7 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     """ReplaceMe (Shopkhoev et al., 2025; NeurIPS): replace the contiguous block of n = L - target layers whose
     input and output are closest by a linear transform T folded into the down_proj of the layer before the block.
 
-    Block: argmin over b >= 1 of replaceme_distances (their cosine criterion, last token of each sequence).
+    Block: argmin over b >= 1 of replaceme_distances (their cosine criterion, here over every calibration token).
     T: least squares on the calibration tokens, min_T ||M T - (H - Y)||^2 with M the MLP output of layer b-1, Y its
     attention residual (the layer's output minus M) and H the state leaving the block; W_down <- T^T W_down.
     How our --repair refit (drop_repaired) differs from this estimator: it refits all of W_down (d x d_ff numbers

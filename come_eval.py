@@ -564,7 +564,7 @@ def print_report(job, summary: dict) -> None:
         print(f"step {step_no:2d}: {describe_step(step)}")
     if pruned:
         print(results_table(dense, pruned, trained))
-    parts = [f"{job.method}: {summary['layers_before']} -> {summary['layers_after']} layers",
+    parts = [f"{method_label(job.method)}: {summary['layers_before']} -> {summary['layers_after']} layers",
              f"sparsity {summary['sparsity']:.3f}"]
     parts += [f"PPL {s} " + (f"{dense['ppl'][s]['ppl']:.2f} -> " if dense else "") + f"{r['ppl']:.2f}"
               + (f" -> {trained['ppl'][s]['ppl']:.2f} ({job.args.post_train})" if trained else "")
@@ -587,6 +587,14 @@ def task_groups(res: dict | None) -> dict[str, float]:
         groups.setdefault(TASK_GROUPS.get(name, name), []).append(t["acc_norm"] if t["acc_norm"] is not None
                                                                   else t["acc"])
     return {g: sum(v) / len(v) for g, v in groups.items()}
+
+
+METHOD_LABELS = {"replaceme": "ReplaceMe (LS)"}    # ReplaceMe's least-squares variant (one d x d transform)
+
+
+def method_label(name: str) -> str:
+    """How reports name a method (a compare name otherwise)."""
+    return METHOD_LABELS.get(name, name)
 
 
 def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
@@ -616,7 +624,7 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
                 f"{r['ppl'][src]['ppl']:.2f}",
                 f"{math.log(r['ppl'][src]['ppl'] / dense['ppl'][src]['ppl']):.3f}" if src in dense["ppl"] else "-")]
             acc = [f"{task_groups(r)[g]:.4f}" for g in groups]
-            lines.append("| " + " | ".join([n, *ppl, *acc, f"{r['prune_seconds']:.1f}"]) + " |")
+            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, f"{r['prune_seconds']:.1f}"]) + " |")
         lines.append("")
     lines.append("Accuracy: " + AVERAGE_CONVENTION.replace("unweighted mean over tasks of ", "") + "; the offline "
                  "suite averages its tasks. Pruning time excludes evaluation; weightsum replays CoMe's windows.")
@@ -639,7 +647,7 @@ def compare_plot(report: dict, names: list[str], path: Path) -> None:
     for ax, (label, value, dense, scale) in zip(axes[0], panels):
         for n in names:
             rs = sorted((r for r in report["rows"] if r["method"] == n), key=lambda r: r["sparsity"])
-            ax.plot([r["sparsity"] for r in rs], [value(r) for r in rs], marker="o", label=n)
+            ax.plot([r["sparsity"] for r in rs], [value(r) for r in rs], marker="o", label=method_label(n))
         if dense:
             ax.axhline(dense["ppl"], color="gray", linestyle="--", label="dense")
         ax.set(xlabel="sparsity", ylabel=label, yscale=scale, title=report["model"])

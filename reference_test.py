@@ -1036,15 +1036,16 @@ def test_drop_repair_with_a_huge_ridge_leaves_the_dropped_model_unchanged():
 
 
 def test_replaceme_block_and_transform_equal_brute_force_and_literal_least_squares():
-    """ReplaceMe's block: the mean angular distance of the last tokens between the states around every block of
-    n layers (b >= 1), by brute force over a stock forward; its transform: one stacked least-squares solve."""
+    """ReplaceMe's block: the mean angular distance over every calibration token between the states around every
+    block of n layers (b >= 1), by brute force over a stock forward; its transform: one stacked least-squares solve;
+    the pruned model: a stock model without the block whose layer b-1 carries the transformed down_proj."""
     base = make_tiny("qwen3")
     ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(6))
     plan = come.replaceme_prune(copy.deepcopy(base), ids, 4, come.ComeConfig(method="replaceme"))
     states, n = raw_states(base, ids), 3
     dist = {}
     for b in range(1, 8 - n):
-        a, c = states[b][:, -1].double(), states[b + n][:, -1].double()
+        a, c = states[b].reshape(-1, 72).double(), states[b + n].reshape(-1, 72).double()
         cos = (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1))
         dist[b] = (torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item()
     step = plan["steps"][0]
