@@ -1,8 +1,8 @@
 """CoMe: Concatenation-based layer Merging for LLM depth compression.
 
 Reference implementation of "Layer as Puzzle Pieces: Compressing Large Language Models through Layer
-Concatenation" (Wang, Shen, Ding, Xue, Liu, Ding; NeurIPS 2025; arXiv 2510.15304), written from the
-project specification (SPEC.md), not from the authors' code.
+Concatenation" (Wang, Shen, Ding, Xue, Liu, Ding; NeurIPS 2025; arXiv 2510.15304), written from the paper
+(the method in our words: docs/method.md; every § below is a section of it), not from the authors' code.
 
 CoMe makes a decoder-only LLM shallower. It scores every attention KV group and FFN neuron (activation x
 weight norm), picks the adjacent layers the model can best do without, and concatenates the most important
@@ -18,10 +18,10 @@ Paper map
     Algorithm 1 (progressive CoMe)                   -> come_prune(method="come")
     Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio, candidate_nll
     sparsity -> layers removed                       -> layers_to_remove
-    post-training, hierarchical distillation (fig. 1 step 3; SPEC §9; the authors released no code for it)
+    post-training, hierarchical distillation (fig. 1 step 3; §9; the authors released no code for it)
       Algorithm 3 (CoMe-sp) / Algorithm 4 (CoMe-mp)  -> post_train(mode "sp" / "mp") -> distill_step, distill_loss,
                                                         teacher_states, mp_learning_rates, original_spans
-    baselines (SPEC §13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
+    baselines (§13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune,
                                                         replaceme_prune (ReplaceMe, Shopkhoev et al. 2025)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
@@ -50,7 +50,7 @@ Deviations from the authors' code (each marked `# DEVIATION:` below):
     5. When every window is blocked by the no-remerge rule, we say so, record it and re-merge (authors: window 0).
     6. Per-layer config fields (layer_types, max_window_layers) are rebuilt, so saved models reload on transformers 5.
     7. Statistics are running fp32 sums captured by hooks; activations are never copied or stored per token.
-    8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (SPEC §7).
+    8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (§7).
     9. CoMe-mp trains its merged layers one after another, not interleaved per batch (same result, less memory).
 Interpretations where neither source fixes the detail are marked `# INTERPRETATION:`.
 """
@@ -142,7 +142,7 @@ def _beside(module: str, purpose: str):
 # ============================================================================ config
 @dataclasses.dataclass
 class ComeConfig:
-    """Everything that decides which layers merge and how (SPEC §4-§8)."""
+    """Everything that decides which layers merge and how (§4-§8)."""
     method: str = "come"                 # "come" (Algorithm 1) or "come-p" (Algorithm 2)
     span: int = 2                        # adjacent layers per merge window
     allow_remerge: bool = False          # let a window contain a layer that is already a merge product
@@ -163,7 +163,7 @@ class ComeConfig:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
 
 
-# INTERPRETATION: presets apply when a known model is named and --p/--rho are not given (SPEC §5).
+# INTERPRETATION: presets apply when a known model is named and --p/--rho are not given (§5).
 PAPER_PRESETS = {"qwen2.5-7b": {"p": 32.0, "rho": 0.85}, "mistral-7b": {"rho": 0.97}, "llama-3-8b": {"rho": 0.97},
                  "meta-llama-3-8b": {"rho": 0.97}}
 
@@ -246,7 +246,7 @@ def _move(obj, device, dtype: torch.dtype | None = None):
 # ============================================================================ calibration statistics (hooks)
 # DEVIATION: running fp32 sums from hooks; the authors deep-copy activation tensors inside the forward pass.
 class ChannelActivity:
-    """Running fp32 sums of |input| of one layer's mlp.down_proj and self_attn.o_proj (SPEC §3).
+    """Running fp32 sums of |input| of one layer's mlp.down_proj and self_attn.o_proj (§3).
 
     Hooks return None: a forward pre-hook that returns a value would replace the module's input.
     """
@@ -352,7 +352,7 @@ def cache_buffer(like: torch.Tensor, where: str) -> torch.Tensor:
 
 
 class HiddenStates:
-    """Hidden states at every layer boundary for a fixed set of token windows (SPEC §7 cache).
+    """Hidden states at every layer boundary for a fixed set of token windows (§7 cache).
 
     `states[l]` holds h_l (the input of layer l; h_0 = embeddings, h_L = raw output of the last layer) for all
     windows, shape (n_windows, seqlen, hidden). `kwargs[type]` is what the model passes to a layer of that
@@ -398,7 +398,7 @@ class HiddenStates:
                 assert act.calls == [n, n], f"layer {l}: hooks fired {act.calls} times for {n} windows"
                 activity.append(act)
         if self.pin:
-            torch.cuda.synchronize(self.device)    # the copies into pinned memory are asynchronous; the CPU reads them next
+            torch.cuda.synchronize(self.device)    # copies into pinned memory are asynchronous; the CPU reads next
         return activity
 
     def after_merge(self, start: int, n: int) -> None:
@@ -446,7 +446,7 @@ class HiddenStates:
 
 # ============================================================================ scores
 def ffn_neuron_scores(act_abs_sum: torch.Tensor, tokens: int, w_down: torch.Tensor) -> torch.Tensor:
-    """S_ffn(j) = mean_t |a_t[j]| * ||W_down[:, j]||_1 (SPEC §4.1)."""
+    """S_ffn(j) = mean_t |a_t[j]| * ||W_down[:, j]||_1 (§4.1)."""
     return (act_abs_sum.cpu() / tokens) * w_down.detach().float().abs().sum(0).cpu()
 
 
@@ -464,14 +464,14 @@ def _row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def block_influence(states: list[torch.Tensor]) -> list[float]:
-    """BI_l = sum_t (1 - clip(cos(h_l, h_{l+1}), 0, 1)) over all calibration tokens (SPEC §4.2)."""
+    """BI_l = sum_t (1 - clip(cos(h_l, h_{l+1}), 0, 1)) over all calibration tokens (§4.2)."""
     # DEVIATION: h_L is the raw output of the last layer, not HF's final-normed last hidden state.
     return [sum((1 - _row_cosine(a[i], b[i]).clamp(0, 1)).sum().item() for i in range(a.shape[0]))
             for a, b in zip(states[:-1], states[1:])]
 
 
 def skip_influence(states: list[torch.Tensor], span: int, tokens: str) -> list[float]:
-    """SBI_l = sum_t arccos(clip(cos(h_l, h_{l+span}), 0, 1)) / pi for every window start l (SPEC §4.3)."""
+    """SBI_l = sum_t arccos(clip(cos(h_l, h_{l+span}), 0, 1)) / pi for every window start l (§4.3)."""
     def pick(h):
         return h[:, -1:] if tokens == "last" else h
     out = []
@@ -496,7 +496,7 @@ def blocked_windows(tree: list[list[int]], span: int) -> list[bool]:
 
 
 def select_window(skip_scores: list[float], tree: list[list[int]], span: int, allow_remerge: bool) -> int:
-    """Start of the window to merge: argmin of the skip score, windows with a merged layer blocked (SPEC §4.4)."""
+    """Start of the window to merge: argmin of the skip score, windows with a merged layer blocked (§4.4)."""
     scores = list(skip_scores)
     if not allow_remerge:
         blocked = blocked_windows(tree, span)
@@ -509,7 +509,7 @@ def select_window(skip_scores: list[float], tree: list[list[int]], span: int, al
 
 
 def merge_ratios(bi: list[float], p: float, rho: float, n_original: int) -> list[float]:
-    """F_merge (SPEC §5): BI-proportional ratios, sharpened by p, dominant layer floored at rho^(1/(N-1))."""
+    """F_merge (§5): BI-proportional ratios, sharpened by p, dominant layer floored at rho^(1/(N-1))."""
     total = sum(bi)
     r = [s / total for s in bi] if total > 0 else [1 / len(bi)] * len(bi)     # step 1
     powered = [x ** p for x in r]
@@ -541,7 +541,7 @@ def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ============================================================================ merging (pure functions on tensors)
 def concat_merge(sources: list[dict[str, torch.Tensor]], groups: list[torch.Tensor], neurons: list[torch.Tensor],
                  ratios: list[float], shape: AttnShape, fold_norms: bool = False) -> dict[str, torch.Tensor]:
-    """State dict of ONE decoder layer made of the kept KV groups and FFN neurons of the source layers (SPEC §6).
+    """State dict of ONE decoder layer made of the kept KV groups and FFN neurons of the source layers (§6).
 
     The kept heads and neurons of all sources act in parallel on the same (normalized) input.
     """
@@ -640,7 +640,7 @@ def _notify(on_depth, model, t0: float) -> None:
 
 
 def layers_to_remove(model, sparsity: float) -> int:
-    """Layers removed for a parameter sparsity: round(s * total / per_layer), clipped to [1, L-1] (SPEC §10)."""
+    """Layers removed for a parameter sparsity: round(s * total / per_layer), clipped to [1, L-1] (§10)."""
     total, layers = count_params(model), decoder_layers(model)
     per_layer = count_params(layers[0])
     return min(max(round(sparsity * total / per_layer), 1), len(layers) - 1)
@@ -737,7 +737,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
 
 
 def window_channel_scores(sources, activity, window, shape: AttnShape) -> tuple[list, list]:
-    """(S_att, S_ffn) of every layer of the window (state dicts `sources`), from this step's statistics (SPEC §4.1)."""
+    """(S_att, S_ffn) of every layer of the window (state dicts `sources`), from this step's statistics (§4.1)."""
     att = [kv_group_scores(activity[i].attn, activity[i].tokens, w["self_attn.o_proj.weight"], shape)
            for i, w in zip(window, sources)]
     ffn = [ffn_neuron_scores(activity[i].ffn, activity[i].tokens, w["mlp.down_proj.weight"])
@@ -746,7 +746,7 @@ def window_channel_scores(sources, activity, window, shape: AttnShape) -> tuple[
 
 
 def select_channels(att, ffn, ratios: list[float], shape: AttnShape):
-    """Budgets K (KV groups, neurons) for the ratios and the top-K channels of each source layer (SPEC §5-§6)."""
+    """Budgets K (KV groups, neurons) for the ratios and the top-K channels of each source layer (§5-§6)."""
     if len(ratios) != len(att):     # a missing ratio would silently drop a layer's channels
         raise ComeError(f"{len(ratios)} merge ratios for a window of {len(att)} layers")
     k_groups, k_neurons = channel_budgets(ratios, shape.n_kv), channel_budgets(ratios, ffn[0].numel())
@@ -1035,7 +1035,7 @@ TRAIN_RECIPES = {"paper": {"train_samples": 256, "epochs": 1, "lr": 1e-5, "train
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Post-training by hierarchical distillation from the frozen original model (SPEC §9)."""
+    """Post-training by hierarchical distillation from the frozen original model (§9)."""
     mode: str = "mp"                     # "sp" (Algorithm 3) or "mp" (Algorithm 4)
     epochs: int = 1
     batch_size: int = 1                  # token windows per optimizer step
@@ -1243,7 +1243,7 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
              "loss_after_fp32": after_fp32[j], "loss_after": after[j]} for j in at]
 
 
-# ============================================================================ baselines (SPEC §13)
+# ============================================================================ baselines (§13)
 def weighted_sum_merge(sources: list[dict[str, torch.Tensor]], ratios: list[float]) -> dict[str, torch.Tensor]:
     """theta' = sum_i r_i theta_i for every parameter (the paper's WeightSum ablation, MKA-style)."""
     return {k: sum(r * sd[k].to(ref.device).float() for r, sd in zip(ratios, sources)).to(ref.dtype)

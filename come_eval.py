@@ -3,7 +3,8 @@ out-of-domain book), GPTQ-protocol perplexity, lm-eval tasks, the generated offl
 the out-of-domain cloze), result tables and the --compare report.
 
 Kept apart from come.py so that come.py reads as the method: this module imports come.py and come_runtime.py, and
-come_cli.py (the command line) imports it; come.py never does. Imports beyond torch and transformers (datasets, lm_eval, matplotlib) stay inside the functions
+come_cli.py (the command line) imports it; come.py never does. Imports beyond torch and transformers (datasets,
+lm_eval, matplotlib) stay inside the functions
 that need them.
 """
 from __future__ import annotations
@@ -198,7 +199,7 @@ def shuffled_rows(source: str, seed: int) -> list[str]:
 
 def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
                         what: str = "calibration") -> torch.Tensor:
-    """Calibration token windows, shape (n, seqlen) [CODE semantics for row sources, SPEC §11].
+    """Calibration token windows, shape (n, seqlen) [the authors' row recipe, §11].
 
     Rows are shuffled with the seed, the first `nsamples` joined with "\\n\\n", tokenized once and cut into
     `seqlen` windows (tail dropped; fewer tokens than one window -> one shorter window). A .txt file is used

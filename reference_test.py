@@ -1,5 +1,7 @@
 """Tests for come.py: naive oracles, invariants (hypothesis), end-to-end on tiny models, the real model, GPU.
 
+The oracles are written from docs/method.md; a § in a docstring names the section an oracle implements.
+
 Run `pytest` (about a minute); `pytest --run-slow` adds the SmolLM2-135M end-to-end test.
 """
 import copy
@@ -54,7 +56,7 @@ def naive_rotate(v, cos, sin):
 
 
 def naive_merged_layer(sources, groups, neurons, ratios, x, cos, sin, config, fold):
-    """The kept heads and neurons of the source layers, each computed by its own weights on the same input, summed.
+    """§6: the kept heads and neurons of the source layers, each computed by its own weights on the same input, summed.
 
     x: (T, d). Query head q belongs to KV group q // g. Norms: the merged layer's rule (mean of sources, or each
     source's own weight with fold_norms); Qwen3 q_norm/k_norm: sum_i r_i gamma_i.
@@ -97,12 +99,14 @@ def naive_merged_layer(sources, groups, neurons, ratios, x, cos, sin, config, fo
 
 
 def naive_cos(a, b):
+    """Cosine of two vectors with loops (§4.2)."""
     dot = sum(x * y for x, y in zip(a, b))
     na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
     return 0.5 if na * nb == 0 else dot / (na * nb)
 
 
 def naive_bi(states):
+    """Block Influence of every layer, token by token (§4.2)."""
     out = []
     for l in range(len(states) - 1):
         a = states[l].reshape(-1, states[l].shape[-1]).tolist()
@@ -112,6 +116,7 @@ def naive_bi(states):
 
 
 def naive_sbi(states, span, tokens):
+    """Skip score of every window start, token by token (§4.3)."""
     out = []
     for l in range(len(states) - span):
         a, b = states[l], states[l + span]
@@ -134,7 +139,7 @@ def naive_share(values):
 
 
 def naive_f_merge(bi, p, rho, n_original):
-    """SPEC §5, step by step with loops: normalise, sharpen by p, floor the largest ratio at rho^(1/(N-1))."""
+    """§5, step by step with loops: normalise, sharpen by p, floor the largest ratio at rho^(1/(N-1))."""
     r = naive_share(bi)                                    # step 1
     powered = []
     for x in r:
@@ -162,7 +167,7 @@ def naive_f_merge(bi, p, rho, n_original):
 
 
 def naive_budgets(ratios, total):
-    """SPEC §5 budgets: floor(N r_i) for every layer but the (first) largest ratio's, which takes the rest."""
+    """§5 budgets: floor(N r_i) for every layer but the (first) largest ratio's, which takes the rest."""
     top = 0
     for i in range(1, len(ratios)):
         if ratios[i] > ratios[top]:
@@ -177,7 +182,7 @@ def naive_budgets(ratios, total):
 
 
 def naive_channel_scores(model, ids, layer):
-    """SPEC §4.1 from the inputs of o_proj and down_proj captured in a stock HF forward: S_att per KV group (mean
+    """§4.1 from the inputs of o_proj and down_proj captured in a stock HF forward: S_att per KV group (mean
     over tokens and the group's g * d_h channels of |o_t[c]| * ||W_o[:, c]||_1) and S_ffn per neuron."""
     block = model.model.layers[layer]
     holder = {}
@@ -197,12 +202,12 @@ def naive_channel_scores(model, ids, layer):
 
 
 def naive_top(scores, k):
-    """The k highest scores' indices (lower index first on ties), listed in ascending index order."""
+    """§5: the k highest scores' indices (lower index first on ties), listed in ascending index order."""
     return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
 
 
 def naive_concat_state(sources, groups, neurons, ratios, config, fold):
-    """SPEC §6 literally: row by row, the kept query heads (group k owns heads k*g .. k*g+g-1), key/value rows,
+    """§6 literally: row by row, the kept query heads (group k owns heads k*g .. k*g+g-1), key/value rows,
     o_proj columns, FFN rows and down_proj columns of each source; mean norms (or folded norms and ones)."""
     heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     g, dh = heads // n_kv, getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -474,7 +479,7 @@ def cli(*args):
 
 
 def test_come_p_picks_lowest_calibration_loss_by_brute_force():
-    """Every ratio of the grid, merged literally (scores, budgets, top-k and concatenation written from SPEC §4-§6
+    """Every ratio of the grid, merged literally (scores, budgets, top-k and concatenation written from §4-§6
     in this file) into a whole-model copy and scored by the stock HF loss."""
     model = make_tiny("llama-gqa")
     base = copy.deepcopy(model)
@@ -582,7 +587,7 @@ def repair_case(seed=0):
 
 
 def literal_ridge(Z, R, W0, alpha):
-    """argmin_W ||R - Z W^T||^2 + lam ||W - W0||^2, lam = alpha mean(diag(Z^T Z)), as ONE stacked lstsq system."""
+    """§14: argmin_W ||R - Z W^T||^2 + lam ||W - W0||^2, lam = alpha mean(diag(Z^T Z)), as ONE stacked lstsq."""
     lam = alpha * (Z * Z).sum(0).mean()
     A = torch.cat([Z, lam.sqrt() * torch.eye(Z.shape[1], dtype=Z.dtype)])
     B = torch.cat([R, lam.sqrt() * W0.T])
@@ -901,7 +906,7 @@ def test_come_py_alone_prunes_with_every_method_and_post_trains(tmp_path):
     assert "Traceback" not in cli_run.stderr
 
 
-# ============================================================================ baselines (SPEC §13)
+# ============================================================================ baselines (§13)
 @pytest.mark.parametrize("method", ["shortgpt", "sleb", "laco", "weightsum", "reverse"])
 @pytest.mark.parametrize("family", ["llama-mha", "llama-gqa"])
 def test_baseline_removes_requested_layers_and_reloads(method, family, tmp_path):
@@ -1151,7 +1156,7 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
 
 # ============================================================================ post-training (Algorithms 3, 4)
 def naive_kl(h_student, h_teacher, model):
-    """KL(p_T || p_S) over the whole vocabulary at once, mean over tokens."""
+    """§9: KL(p_T || p_S) over the whole vocabulary at once, mean over tokens."""
     log_s = torch.log_softmax(model.lm_head(model.model.norm(h_student)), -1)
     log_t = torch.log_softmax(model.lm_head(model.model.norm(h_teacher)), -1)
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
@@ -1436,7 +1441,7 @@ def test_post_training_a_dropped_layer_plan_is_refused(tiny_folder, calib_txt, t
 
 
 def interleaved_mp(student, teacher, tree, ids, lrs, epochs, batch_size, seed):
-    """Algorithm 4 literally: per batch, every merged layer in turn takes one teacher-forced AdamW step (full KL)."""
+    """Algorithm 4 (§9): per batch, every merged layer in turn takes one teacher-forced AdamW step (full KL)."""
     layers, t_layers = come.decoder_layers(student), come.decoder_layers(teacher)
     spans = [(s[0], s[-1]) for s in tree]
     merged = [j for j, (a, b) in enumerate(spans) if b > a]
@@ -1949,6 +1954,7 @@ def test_an_interrupted_replacement_of_a_folder_is_put_back(tmp_path):
 
 # ============================================================================ evaluation (perplexity, lm-eval, results)
 def naive_perplexity(model, ids, seqlen):
+    """GPTQ perplexity, window by window through the stock forward (§11)."""
     nll, count = 0.0, 0
     for i in range(ids.shape[1] // seqlen):
         window = ids[:, i * seqlen:(i + 1) * seqlen]
@@ -2034,7 +2040,8 @@ def book_parts_from_the_file() -> dict[str, dict[int, str]]:
     marks = [(m.start(), int(m.group(1) or 136)) for m in re.finditer(r"^(?:CHAPTER (\d+)\. |Epilogue$)", text, re.M)]
     spans = {n: " ".join(text[a:b].split()) for (a, n), (b, _) in zip(marks, marks[1:] + [(len(text), 0)])}
     assert sorted(spans) == list(range(1, 137))
-    return {"test": {n: s for n, s in spans.items() if n % 2 == 0}, "selection": {n: s for n, s in spans.items() if n % 2}}
+    return {"test": {n: s for n, s in spans.items() if n % 2 == 0},
+            "selection": {n: s for n, s in spans.items() if n % 2}}
 
 
 def test_book_cloze_items_come_from_the_test_part_only():
@@ -2050,7 +2057,8 @@ def test_book_cloze_items_come_from_the_test_part_only():
         assert item["query"].split("\n")[-1][-60:] + " " + answer in flat        # the true last word, in place
         assert item["query"][-80:] not in selection_text
         assert len({c.lower() for c in item["choices"]}) == 4
-        assert item["chapter"] in parts["test"] and item["query"][-80:].split("\n")[-1] in parts["test"][item["chapter"]]
+        tail = item["query"][-80:].split("\n")[-1]
+        assert item["chapter"] in parts["test"] and tail in parts["test"][item["chapter"]]
     for split, oracle in (("test", parts["test"]), ("train", parts["selection"])):
         assert [" ".join(row.split()) for row in come_eval.book_rows(split)] == list(oracle.values())
 
