@@ -463,22 +463,30 @@ def _row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(cos, nan=0.5)
 
 
-def block_influence(states: list[torch.Tensor]) -> list[float]:
-    """BI_l = sum_t (1 - clip(cos(h_l, h_{l+1}), 0, 1)) over all calibration tokens (§4.2)."""
+def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return t if device is None else t.to(device, non_blocking=True)
+
+
+def block_influence(states: list[torch.Tensor], device: torch.device | None = None) -> list[float]:
+    """BI_l = sum_t (1 - clip(cos(h_l, h_{l+1}), 0, 1)) over all calibration tokens (§4.2).
+
+    [OURS] `device`: each window is moved there (the model's device, from a host or disk cache) for its cosine.
+    """
     # DEVIATION: h_L is the raw output of the last layer, not HF's final-normed last hidden state.
-    return [sum((1 - _row_cosine(a[i], b[i]).clamp(0, 1)).sum().item() for i in range(a.shape[0]))
-            for a, b in zip(states[:-1], states[1:])]
+    return [sum((1 - _row_cosine(_on(a[i], device), _on(b[i], device)).clamp(0, 1)).sum().item()
+                for i in range(a.shape[0])) for a, b in zip(states[:-1], states[1:])]
 
 
-def skip_influence(states: list[torch.Tensor], span: int, tokens: str) -> list[float]:
+def skip_influence(states: list[torch.Tensor], span: int, tokens: str, device: torch.device | None = None) \
+        -> list[float]:
     """SBI_l = sum_t arccos(clip(cos(h_l, h_{l+span}), 0, 1)) / pi for every window start l (§4.3)."""
     def pick(h):
         return h[:, -1:] if tokens == "last" else h
     out = []
     for l in range(len(states) - span):
         a, b = pick(states[l]), pick(states[l + span])
-        out.append(sum((torch.arccos(_row_cosine(a[i], b[i]).clamp(0, 1)) / math.pi).sum().item()
-                       for i in range(a.shape[0])))
+        out.append(sum((torch.arccos(_row_cosine(_on(a[i], device), _on(b[i], device)).clamp(0, 1)) / math.pi)
+                       .sum().item() for i in range(a.shape[0])))
     return out
 
 
@@ -661,7 +669,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         raise ComeError("CoMe-P (Algorithm 2) searches a ratio [r, 1-r] between two layers: it needs span 2")
     cfg = token_rule(cfg, calib_ids, model)      # [OURS] --repair lstsq with too few tokens: a stronger ridge
     tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
-    steps, stale_from, tensors, dense = [], 0, {}, None
+    steps, stale_from, tensors, dense, bi = [], 0, {}, None, []
     if resume:      # [OURS] --resume: the finished steps, replayed without calibration (bit-identical)
         if cfg.repair_target == "dense" and resume["steps"]:
             raise ComeError("--resume cannot rebuild the original model's states for --repair-target dense")
@@ -680,7 +688,8 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
         if cfg.repair_target == "dense" and dense is None:    # [OURS] the original model's boundary states
             dense = [cache.buffer(h).copy_(h) for h in cache.states]
-        bi = block_influence(cache.states)
+        # [OURS] BI of the layers before the last merge is unchanged: only the boundaries from it on are recomputed
+        bi = bi[:stale_from] + block_influence(cache.states[stale_from:], cache.device)
         span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
         best_ratios = tried = None
         if cfg.skip_score == "sleb":
@@ -688,7 +697,7 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
         elif cfg.skip_score == "merge":
             sbi, best_ratios, tried = merge_scores(cache, tree, span, bi, activity, cfg)
         else:
-            sbi = skip_influence(cache.states, span, cfg.tokens_for_sbi())
+            sbi = skip_influence(cache.states, span, cfg.tokens_for_sbi(), cache.device)
         # Alg.1 step 4: window <- argmin SBI
         start = select_window(sbi, tree, span, cfg.allow_remerge)
         window = list(range(start, start + span))
@@ -1324,7 +1333,7 @@ def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_
     cfg = token_rule(cfg, calib_ids, model)
     cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="BI statistics")
-    bi = block_influence(cache.states)
+    bi = block_influence(cache.states, cache.device)
     tree, steps = [[i] for i in range(len(bi))], []
     drop = sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers]
     if cfg.repair != "none":
@@ -1375,13 +1384,14 @@ def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
     return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
 
 
-def replaceme_distances(states: list[torch.Tensor], n: int) -> list[float]:
+def replaceme_distances(states: list[torch.Tensor], n: int, device: torch.device | None = None) -> list[float]:
     """ReplaceMe's block score: mean angular distance arccos(cos)/pi over every calibration token between the state
     entering layer b and the state leaving layer b+n-1, for every block start b >= 1."""
     # INTERPRETATION: every token, not one last token a window (ReplaceMe's default): 13 windows gave 13 vectors.
     out = []
     for b in range(1, len(states) - n):
-        cos = torch.cat([_row_cosine(states[b][i], states[b + n][i]) for i in range(states[b].shape[0])])
+        cos = torch.cat([_row_cosine(_on(states[b][i], device), _on(states[b + n][i], device))
+                         for i in range(states[b].shape[0])])
         out.append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
     return out
 
@@ -1402,7 +1412,7 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     n = L - target_layers
     cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="ReplaceMe states")
-    dist = replaceme_distances(cache.states, n)
+    dist = replaceme_distances(cache.states, n, cache.device)
     start = 1 + min(range(len(dist)), key=lambda i: (dist[i], i))
     layer, seen = float32_layer(model, start - 1), {}
     if layer.mlp.down_proj.bias is not None:

@@ -277,7 +277,8 @@ def gpu_peaks(device: str, reset: bool = True) -> dict[str, float] | None:
     dev = torch.device(device)
     peaks = {"reserved_gib": round(torch.cuda.max_memory_reserved(dev) / GIB, 3),
              "allocated_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 3)}
-    if reset:
+    if reset:       # the allocator's cache goes back at a phase boundary: the next phase's reserved peak is its own
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     return peaks
 
@@ -371,7 +372,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # fp32 copies of both sources when they are not fp32 or when norms are folded into them
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
                  + biggest * (4 * (1 + 2 * (e != 4 or cfg.fold_norms)) + e * (e != 4)),
-                 "refit": repair * (per_layer * 4 * (e != 4) + (f * f * 3 + d * f * 5
+                 # refit: the float32 layer and its float32 state-dict copy; float64 G, z^T z, the solve's matrix and LU
+                 # workspace (d_ff x d_ff each), C, R^T z, W_0, the right-hand side and the solution (d x d_ff each),
+                 # one window's z, output and residual in float64; auto: the held-out window's G and C
+                 "refit": repair * (per_layer * 8 * (e != 4) + (f * f * 4 + d * f * 5 + seqlen * (f + 3 * d)
                                     + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
                  "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
                  "evaluation": evaluation * eval_while_pruning}

@@ -420,6 +420,23 @@ def test_incremental_refresh_equals_full_recompute():
         assert torch.equal(a.ffn, b.ffn) and torch.equal(a.attn, b.attn)
 
 
+def test_block_influence_is_recomputed_only_from_the_merged_layer_on_and_equals_naive_every_step(monkeypatch):
+    """Each step's BI vector (plan "bi_all") equals naive BI of the model as it is at that step (replayed from the
+    plan, states from a stock forward); after a merge at layer s only the boundaries from s on are recomputed."""
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    real, computed = come.block_influence, []
+    monkeypatch.setattr(come, "block_influence", lambda states, device=None: computed.append(len(states) - 1)
+                        or real(states, device))
+    plan = come.come_prune(copy.deepcopy(base), ids, 3, come.ComeConfig(allow_remerge=True))
+    assert computed[0] == 7 and computed[1:] == [len(plan["tree"]) + len(plan["steps"]) - k - s["window"][0]
+                                                  for k, s in enumerate(plan["steps"][:-1], start=1)]
+    model = copy.deepcopy(base)
+    for step in plan["steps"]:
+        assert step["bi_all"] == pytest.approx(naive_bi(raw_states(model, ids)), rel=1e-4)
+        come.replay_step(model, step)
+
+
 def test_select_window_blocks_merged_layers_and_falls_back_with_a_message_every_time(capsys):
     tree = [[0], [1, 2], [3], [4]]
     assert come.select_window([0.1, 0.2, 0.3], tree, 2, allow_remerge=False) == 2
