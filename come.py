@@ -1021,7 +1021,7 @@ def apply_plan(model, plan: dict, depth: int | None = None) -> dict:
     for step in steps:
         replay_step(model, step, plan["config"]["fold_norms"], merge.get("tensors"))
         if step["op"] == "drop":
-            del tree[step["layer"]:step["layer"] + step.get("count", 1)]
+            drop_from_tree(tree, step["layer"], step.get("count", 1))
         else:
             join_window(tree, step["window"][0], len(step["window"]))
     names = {s[k]["tensor"] for s in steps for k in REPAIRED if s.get(k)}
@@ -1066,8 +1066,8 @@ class TrainConfig:
 def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, int]]:
     """(a_j, b_j): the contiguous original layers behind student layer j, from the merge tree."""
     if [i for span in tree for i in span] != list(range(n_original)):
-        raise ComeError("post-training needs a merge tree whose layers cover every original layer in order "
-                        "(come, come-p, laco, weightsum); a method that drops layers leaves no teacher target")
+        raise ComeError("post-training needs a merge tree whose layers cover every original layer in order; "
+                        "this one lacks some (a plan written before drops passed their span to a kept layer?)")
     return [(span[0], span[-1]) for span in tree]
 
 
@@ -1268,9 +1268,25 @@ def rdsc_merge(sources: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return out
 
 
+def drop_from_tree(tree: list[list[int]], start: int, n: int) -> list[int]:
+    """Remove current layers start..start+n-1 from the merge tree; returns the original layers they covered.
+
+    [OURS] Their span passes to the layer before the cut (to the layer after it for a cut at layer 0), so that the
+    tree still covers every original layer in order: post-training distils that layer to the teacher's state leaving
+    the dropped block, the state a drop repair fits (§14).
+    """
+    dropped = sum(tree[start:start + n], [])
+    del tree[start:start + n]
+    if start > 0:
+        tree[start - 1] = tree[start - 1] + dropped
+    elif tree:
+        tree[0] = dropped + tree[0]
+    return dropped
+
+
 def _drop(model, tree: list[list[int]], index: int, **info) -> dict:
     keep_layers(model, [i for i in range(len(tree)) if i != index])
-    step = {"op": "drop", "layer": index, "original": tree.pop(index), **info}
+    step = {"op": "drop", "layer": index, "original": drop_from_tree(tree, index, 1), **info}
     log(f"dropped layer {index} (original {step['original']}) -> {len(tree)} layers")
     return step
 
@@ -1287,9 +1303,8 @@ def drop_repaired(model, cache: HiddenStates, tree: list[list[int]], start: int,
     target = cache.states[start + n]
     keep_layers(model, [i for i in range(len(tree)) if not start <= i < start + n])
     del cache.states[start + 1:start + n + 1]       # h_start now enters the layer that followed the span
-    step = {"op": "drop", "layer": start, "count": n, "original": sum(tree[start:start + n], []), **info,
+    step = {"op": "drop", "layer": start, "count": n, "original": drop_from_tree(tree, start, n), **info,
             "repair": None}
-    del tree[start:start + n]
     if start > 0:
         name = f"drop{len(tensors)}.{REPAIRED['repair']}"
         tensors[name], step["repair"] = refit_projection(cache, start - 1, target, cfg.repair, cfg.repair_alpha)
@@ -1339,8 +1354,10 @@ def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_
     if cfg.repair != "none":
         return drop_blocks_repaired(model, cache, tree, drop, cfg, on_depth, t0)
     del cache
-    for orig in drop:
-        steps.append(_drop(model, tree, tree.index([orig]), bi=bi[orig]))   # lowest BI first: same set at any depth
+    alive = list(range(len(bi)))        # the original layer behind each current layer
+    for orig in drop:                   # lowest BI first: the same set at any depth
+        steps.append(_drop(model, tree, alive.index(orig), bi=bi[orig]))
+        alive.remove(orig)
         _notify(on_depth, model, t0)
     return {"steps": steps, "tree": tree}
 
@@ -1436,10 +1453,9 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     dtype = next(decoder_layers(model)[0].parameters()).dtype
     weight = (T.T @ layer.mlp.down_proj.weight.detach().double().cpu()).to(dtype)
     tree = [[i] for i in range(L)]
-    step = {"op": "drop", "layer": start, "count": n, "original": sum(tree[start:start + n], []), "distances": dist,
+    step = {"op": "drop", "layer": start, "count": n, "original": drop_from_tree(tree, start, n), "distances": dist,
             "repair": {"kind": "replaceme", "tensor": "replaceme.mlp.down_proj.weight", "layer": start - 1}}
     replay_step(model, step, tensors={"replaceme.mlp.down_proj.weight": weight})
-    del tree[start:start + n]
     log(f"ReplaceMe: replaced original layers {step['original']} by a linear transform in layer {start - 1}")
     _notify(on_depth, model, t0)
     return {"steps": [step], "tree": tree, "tensors": {"replaceme.mlp.down_proj.weight": weight}}

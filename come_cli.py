@@ -222,7 +222,7 @@ def validate(args, ap) -> None:
         for key, value in TRAIN_RECIPES["best" if args.post_train == "best" else "paper"].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-        if args.compare:     # a method that drops layers is refused in run(), for --apply-plan plans too
+        if args.compare:
             ap.error("--post-train trains one pruned model: it does not combine with --compare")
         args.train_batch_size = args.batch_size if args.train_batch_size is None else args.train_batch_size
         if min(args.epochs, args.train_samples, args.train_batch_size) < 1 or args.lr <= 0 or \
@@ -353,8 +353,6 @@ def prepare(args) -> Job:
     if (args.offload_layers or 0) >= L:
         raise ComeError(f"--offload-layers must be below the model's {L} layers")
     method = plan_in["config"]["method"] if plan_in else "compare" if args.compare else args.method
-    if args.post_train != "none" and method in DROPPERS:
-        raise ComeError(f"--post-train needs a merge tree; '{method}' drops layers, so no teacher state matches them")
     save = args.save or f"pruned/{Path(args.model.rstrip('/')).name}-{method}"
     if not args.dry_run:
         rt.check_save_dir(save, args.overwrite)

@@ -1127,7 +1127,7 @@ def test_laco_rdsc_uses_every_merged_layer():
 def test_reverse_drops_the_last_layers():
     model = make_tiny("llama-mha")
     result = come.reverse_prune(model, None, 4, come.ComeConfig())
-    assert result["tree"] == [[0], [1], [2], [3]]
+    assert result["tree"] == [[0], [1], [2], [3, 4, 5, 6]]      # the last kept layer takes the dropped span
 
 
 def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_windows(tiny_folder, calib_txt,
@@ -1449,12 +1449,51 @@ def test_bad_post_training_arguments(args, match, tiny_folder, calib_txt, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_post_training_a_dropped_layer_plan_is_refused(tiny_folder, calib_txt, tmp_path, capsys):
-    cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 5,
-        "--method", "reverse", "--eval-ppl", "none", "--save", tmp_path / "a")
-    expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--apply-plan", tmp_path / "a" / "come_plan.json",
-                 "--post-train", "sp", "--eval-ppl", "none", "--save", tmp_path / "b", match="needs a merge tree")
-    assert not (tmp_path / "b").exists()
+def literal_drop_spans(kept: list[int], n_original: int) -> list[tuple[int, int]]:
+    """§14 literally: kept original layers k_0 < k_1 < ...; layer j's span runs from k_j (from 0 for the first) to
+    the layer before k_{j+1} (to the last original layer for the last)."""
+    return [(0 if j == 0 else k, (kept + [n_original])[j + 1] - 1) for j, k in enumerate(kept)]
+
+
+@pytest.mark.parametrize("method,repair", [("sleb", "none"), ("sleb", "lstsq"), ("shortgpt", "none"),
+                                           ("shortgpt", "lstsq"), ("reverse", "none"), ("reverse", "lstsq"),
+                                           ("replaceme", "none")])
+def test_dropping_methods_give_the_spans_of_a_literal_construction_and_post_train(method, repair, monkeypatch):
+    """Every dropping method's tree: the layer before each cut takes over the dropped block's span (the layer after
+    it for a cut at layer 0); post-training then lowers the loss of exactly those layers, at those spans' ends."""
+    if method == "sleb":        # its first removal forced to layer 0, so that the cut at 0 is covered
+        real, calls = come.skip_nll, []
+        monkeypatch.setattr(come, "skip_nll", lambda cache, span: calls.append(1) or (
+            [-1.0] + real(cache, span)[1:] if len(calls) == 1 else real(cache, span)))
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(2))
+    student = copy.deepcopy(base)
+    plan = come.PRUNERS[method](student, ids, 4, come.ComeConfig(method=method, repair=repair, repair_alpha=0.05))
+    dropped = sorted(sum((s["original"] for s in plan["steps"]), []))
+    kept = [i for i in range(7) if i not in dropped]
+    spans = literal_drop_spans(kept, 7)
+    assert come.original_spans(plan["tree"], 7) == spans
+    replayed = come.apply_plan(copy.deepcopy(base), {"merge": plan, "config": {"fold_norms": False},
+                                                     "base_fingerprint": come.fingerprint(base)})
+    assert replayed["tree"] == plan["tree"]
+    rows = come.post_train(student, base, plan["tree"], ids, come.TrainConfig(mode="mp", lr=1e-3))["layers"]
+    assert [(r["layer"], tuple(r["original_span"])) for r in rows] == [(j, s) for j, s in enumerate(spans)
+                                                                       if s[1] > s[0]]
+    assert all(r["loss_after"] < r["loss_before"] for r in rows)
+
+
+def test_cli_post_trains_a_dropped_model_and_replays_the_plan(tiny_folder, calib_txt, tmp_path):
+    common = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--eval-ppl", "none"]
+    a = cli(*common, "--target-layers", 5, "--method", "sleb", "--post-train", "mp", "--save", tmp_path / "a")
+    spans = [tuple(r["original_span"]) for r in a["post_training"]["layers"]]
+    assert spans and all(b > s for s, b in spans) and a["post_training"]["mode"] == "mp"
+    plan = json.loads((tmp_path / "a" / "come_plan.json").read_text())
+    assert plan["post_training"]["layers"] == a["post_training"]["layers"]
+    b = cli(*common, "--apply-plan", tmp_path / "a" / "come_plan.json", "--post-train", "mp",
+            "--save", tmp_path / "b")
+    for name, t in load_file(tmp_path / "a" / "model.safetensors").items():
+        assert torch.equal(t, load_file(tmp_path / "b" / "model.safetensors")[name]), name
+    assert b["merge"]["tree"] == a["merge"]["tree"]
 
 
 def interleaved_mp(student, teacher, tree, ids, lrs, epochs, batch_size, seed):
