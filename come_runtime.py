@@ -460,6 +460,13 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
                              dataclasses.replace(chosen, mode="mp"), budget, placement)["memory"]["post_train"]
             hints.append(f"--post-train mp trains one merged layer at a time ({mp['gpu_gib']:.1f} GiB GPU, "
                          f"{mp['host_gib']:.1f} GiB host)")
+            if chosen.train_all:        # fp32 weights, gradients and AdamW moments: 16 bytes a trained parameter
+                merged = memory_plan(config, dtype, device, windows, seqlen, target, cfg,
+                                     dataclasses.replace(chosen, train_all=False), budget, placement)
+                sp = merged["memory"]["post_train"]
+                hints.append(f"--no-train-all trains the {config.num_hidden_layers - target} merged layers instead of "
+                             f"all {target} ({sp['gpu_gib']:.1f} GiB GPU, {sp['host_gib']:.1f} GiB host): training "
+                             "keeps 16 bytes a trained parameter (float32 weights, gradients, two AdamW moments)")
         hints += ["--dtype bfloat16 halves weights and states"] if dtype == torch.float32 else []
         hints += ["COME_CACHE=DIR on a disk with more free space"] if plan["cache"] == "disk" else []
         plan["hints"] = hints + ["fewer --nsamples, a shorter --seqlen or a smaller --batch-size shrink the "

@@ -1661,6 +1661,24 @@ def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
         + sp["memory"]["post_train"]["parts_bytes"]["training state (10 layers, on the host)"] / 2**30
 
 
+def test_a_post_training_that_does_not_fit_names_what_it_needs_and_what_would(tmp_path, capsys):
+    """--post-train best at 7B on a 40 GiB GPU with 64 GiB of host: the plan says it does not fit, and names training
+    the merged layers only (16 bytes a trained parameter) with that plan's numbers, which fit."""
+    common = ["--model", "meta-llama/Llama-2-7b-hf", "--sparsity", 0.3, "--method", "sleb", "--dry-run", "--device",
+              "cuda", "--gpu-gib", 40, "--host-gib", 64]
+    plan = cli(*common, "--post-train", "best")
+    out = capsys.readouterr().out
+    assert plan["problems"] and "--no-train-all trains the 10 merged layers instead of all 22" in out
+    hint = float(out.split("--no-train-all trains the 10 merged layers instead of all 22 (")[1].split(" GiB GPU, ")[1]
+                 .split(" GiB host")[0])
+    merged = cli(*common, "--post-train", "best", "--no-train-all")
+    assert not merged["problems"] and merged["memory"]["post_train"]["host_gib"] == pytest.approx(hint, abs=0.05)
+    assert hint <= 64
+    assert plan["memory"]["post_train"]["parts_bytes"]["training state (22 layers, on the host)"] == \
+        22 * 16 * sum(p.numel() for p in come.meta_model(come_cli.load_config("meta-llama/Llama-2-7b-hf", builtin=True))
+                      .model.layers[0].parameters())
+
+
 def test_hidden_state_cache_on_disk_is_bit_identical_and_leaves_no_file(tmp_path):
     ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
     runs = []
