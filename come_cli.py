@@ -222,8 +222,8 @@ def validate(args, ap) -> None:
         for key, value in TRAIN_RECIPES["best" if args.post_train == "best" else "paper"].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-        if args.compare:
-            ap.error("--post-train trains one pruned model: it does not combine with --compare")
+        if args.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            ap.error("--compare with --post-train runs in one process (torchrun is for a single --post-train mp)")
         args.train_batch_size = args.batch_size if args.train_batch_size is None else args.train_batch_size
         if min(args.epochs, args.train_samples, args.train_batch_size) < 1 or args.lr <= 0 or \
                 (args.train_seqlen is not None and args.train_seqlen < 2):
@@ -504,10 +504,7 @@ def post_training(job: Job, model) -> None:
     if job.tc is None:
         return
     args = job.args
-    source = args.train_data or job.calib
-    # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
-    train_ids = ev.calibration_windows(source, job.tokenizer, args.train_samples, args.train_seqlen or args.seqlen,
-                                       args.seed, "training")
+    source, train_ids = training_windows(job)
     # the original model, loaded again: pruning never holds two models
     teacher = rt.load_model(resolve_model(args.model), args.device, job.dtype, job.memory["offload_layers"])
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
@@ -523,6 +520,27 @@ def post_training(job: Job, model) -> None:
             f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
     job.results["post_trained"] = _evaluate(job, model, "post-trained")
     job.gpu_phase("evaluate post-trained")
+
+
+def training_windows(job: Job) -> tuple[str, torch.Tensor]:
+    """(source, token windows) of post-training: --train-data, else the calibration source."""
+    args = job.args
+    source = args.train_data or job.calib
+    # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
+    return source, ev.calibration_windows(source, job.tokenizer, args.train_samples, args.train_seqlen or args.seqlen,
+                                          args.seed, "training")
+
+
+def post_trained_row(job: Job, base, plan: dict, pruned_row: dict, train_ids: torch.Tensor) -> dict:
+    """[OURS] --compare --post-train: the stop of `pruned_row`, rebuilt from its plan, post-trained with the run's
+    recipe and windows (the same for every start; the dense model is the teacher), then evaluated."""
+    student, label = copy.deepcopy(base), f"{pruned_row['method']} + {job.args.post_train}"
+    merge = apply_plan(student, plan, pruned_row["layers"])
+    post = post_train(student, base, merge["tree"], train_ids, job.tc)
+    res = ev.evaluate(student, job.tokenizer, job.settings, job.ppl_ids, f"{label} s={pruned_row['sparsity']}")
+    return {**{k: pruned_row[k] for k in ("sparsity", "layers", "plan", "prune_seconds", "achieved_sparsity")},
+            "method": label, "train_seconds": post["seconds"], "peak_rss_gib_so_far": round(rt.peak_rss_gib(), 3),
+            "post_training": {k: post[k] for k in ("mode", "steps", "windows", "tokens", "layers")}, **res}
 
 
 def progressive(method: str, cfg) -> bool:
@@ -546,6 +564,7 @@ def compare(job, base) -> dict:
     L, params = len(decoder_layers(base)), count_params(base)
     targets = {s: L - layers_to_remove(base, s) for s in sparsities}
     rows, come_plan, plans = [], None, {}
+    train_ids = training_windows(job)[1] if job.tc else None
     for name in names:
         method, mcfg = compare_variant(name, cfg, args.span)
         runs = [(name, targets)] if progressive(method, mcfg) else \
@@ -569,8 +588,14 @@ def compare(job, base) -> dict:
             if name == "come":
                 come_plan = plan
             del model
+            if job.tc:      # [OURS] the same post-training for every start, from each stop's replayed plan
+                for row in [r for r in rows if r["method"] == name and r["plan"] == f"plans/{label}"]:
+                    rows.append(post_trained_row(job, base, plans[label], row, train_ids))
     report = {"model": args.model, "calibration": job.calib, "calibration_tokens": calib_ids.numel(),
-              "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": rt.versions()}
+              "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": rt.versions(),
+              **({"post_training": {**dataclasses.asdict(job.tc), "windows": train_ids.shape[0],
+                                    "source": args.train_data or job.calib}} if job.tc else {})}
+    names = [x for n in names for x in ([n, f"{n} + {args.post_train}"] if job.tc else [n])]
     markdown = ev.compare_markdown(report, names, sparsities)
 
     def write(tmp: Path) -> None:

@@ -594,8 +594,9 @@ METHOD_LABELS = {"replaceme": "ReplaceMe (LS)"}    # ReplaceMe's least-squares v
 
 
 def method_label(name: str) -> str:
-    """How reports name a method (a compare name otherwise)."""
-    return METHOD_LABELS.get(name, name)
+    """How reports name a method (a compare name otherwise; "X + best": X post-trained)."""
+    method, plus, rest = name.partition(" + ")
+    return METHOD_LABELS.get(method, method) + plus + rest
 
 
 def compare_markdown(report: dict, names: list[str], sparsities: list[float]) -> str:
@@ -610,12 +611,14 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
 
     def label(src: str) -> str:
         return f"PPL {src}" + (" (calibration domain)" if src == report.get("calibration") else "")
-    head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups + ["pruning s"]
+    trained = any("train_seconds" in r for r in report["rows"])        # --compare --post-train
+    head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups + ["pruning s"] \
+        + ["training s"] * trained
     lines = [f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens of "
              f"{report.get('calibration')})", ""]
     dense_row = "| dense | " + " | ".join([x for src in sources for x in (
         f"{dense['ppl'][src]['ppl']:.2f}" if src in dense["ppl"] else "-", "0")]
-        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + [""]) + " |"
+        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + [""] * (1 + trained)) + " |"
     for s in sparsities:
         lines += [f"## s={s} ({report['targets'][s]} layers)", "", "| " + " | ".join(head) + " |",
                   "|---" * len(head) + "|", dense_row]
@@ -625,7 +628,9 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
                 f"{r['ppl'][src]['ppl']:.2f}",
                 f"{math.log(r['ppl'][src]['ppl'] / dense['ppl'][src]['ppl']):.3f}" if src in dense["ppl"] else "-")]
             acc = [f"{task_groups(r)[g]:.4f}" for g in groups]
-            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, f"{r['prune_seconds']:.1f}"]) + " |")
+            train = f"{r['train_seconds']:.1f}" if "train_seconds" in r else "-"
+            times = [f"{r['prune_seconds']:.1f}"] + [train] * trained
+            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, *times]) + " |")
         lines.append("")
     lines.append("Accuracy: " + AVERAGE_CONVENTION.replace("unweighted mean over tasks of ", "") + "; the offline "
                  "suite averages its tasks. Pruning time excludes evaluation; weightsum replays CoMe's windows.")

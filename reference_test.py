@@ -1167,8 +1167,32 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
     ppl = row["ppl"][str(calib_txt)]["ppl"]
     acc = row["tasks"]["tasks"]["come_mc"]["acc_norm"]
     assert f"| weightsum | {ppl:.2f} | {math.log(ppl / dense):.3f} | {acc:.4f} |" in md
-    assert "## s=0.3 (5 layers)" in md and "(calibration domain)" in md
+    assert "## s=0.3 (5 layers)" in md and "(calibration domain)" in md and "| ReplaceMe (LS) |" in md
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_post_trains_every_start_with_the_same_recipe_as_a_single_run(tiny_folder, calib_txt, tmp_path):
+    """--compare with --post-train: each stop, merged or dropped, is rebuilt from its plan and post-trained with the
+    run's recipe and windows; its perplexity equals a single run of --apply-plan --post-train on that plan."""
+    folder = tiny_folder("llama-gqa")
+    common = ["--model", folder, "--seqlen", 64, "--eval-ppl", calib_txt, "--post-train", "sp", "--train-samples", 4,
+              "--lr", 1e-3, "--train-data", calib_txt]
+    report = cli(*common, "--calib", calib_txt, "--compare", "come,sleb-repair", "--sparsities", "0.15,0.3", "--save", tmp_path / "cmp")
+    cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
+    assert set(cells) == {(n, s) for n in ("come", "come + sp", "sleb-repair", "sleb-repair + sp")
+                          for s in (0.15, 0.3)}
+    assert report["post_training"]["mode"] == "sp" and report["post_training"]["windows"] >= 1
+    for name, s in (("come", 0.3), ("sleb-repair", 0.15)):
+        row, trained = cells[name, s], cells[f"{name} + sp", s]
+        assert trained["train_seconds"] > 0 and trained["layers"] == row["layers"]
+        depth = ["--target-layers", row["layers"]] if not row["plan"].endswith(f"-s{s}") else []
+        single = cli(*common, "--apply-plan", tmp_path / "cmp" / row["plan"] / "come_plan.json", *depth,
+                     "--no-eval-dense", "--save", tmp_path / f"single-{name}")
+        assert single["evaluation"]["post_trained"]["ppl"][str(calib_txt)]["ppl"] == \
+            trained["ppl"][str(calib_txt)]["ppl"]
+        assert trained["ppl"][str(calib_txt)]["ppl"] != row["ppl"][str(calib_txt)]["ppl"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "training s |" in md and "| come + sp |" in md and "| sleb-repair + sp |" in md
 
 
 # ============================================================================ post-training (Algorithms 3, 4)
