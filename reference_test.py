@@ -1458,7 +1458,8 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--method", "shortgpt", "--post-train", "sp"], "needs a merge tree"),
+    (["--method", "shortgpt", "--post-train", "mp", "--distill-targets", "output"],
+     "--distill-targets output applies to sp"),
     (["--post-train", "mp", "--train-all"], "--train-all applies to sp"),
     (["--post-train", "mp", "--mp-lrs", "1e-4,x"], "--mp-lrs"),
     (["--post-train", "sp", "--epochs", "0"], "must be positive"),
