@@ -21,11 +21,11 @@ Paper map
     post-training, hierarchical distillation (fig. 1 step 3; §9; the authors released no code for it)
       Algorithm 3 (CoMe-sp) / Algorithm 4 (CoMe-mp)  -> post_train(mode "sp" / "mp") -> distill_step, distill_loss,
                                                         teacher_states, mp_learning_rates, original_spans
-    baselines (§13)                             -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
+    baselines (§13)                                  -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune,
                                                         replaceme_prune (ReplaceMe, Shopkhoev et al. 2025)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
-                                                        CLI: main -> run (one call a phase); compare
+                                                        come_cli.py: main -> run (one call a phase); compare
   [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
     --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
@@ -33,14 +33,18 @@ Paper map
     --repair lstsq|scale, --repair-o                 -> refit_projection (recomputed in fp32: float32_layer);
                                                         --repair-alpha auto: leave-one-window-out
     --repair after drops (shortgpt, sleb, reverse)   -> drop_repaired, drop_blocks_repaired
-    --method come+ (the best combination of these)   -> come_plus; its token rule: token_rule, repair_calibration
+    --method come+ (the best combination of these)   -> come_plus; its token rule: token_rule,
+                                                        come_eval.calibration_with_floor
     --tasks offline, moby_cloze, --eval-ppl moby-dick -> come_eval.py: offline_suite_items, book_cloze_items
-    memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; plan_memory; HiddenStates
+    memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; come_cli.plan_memory; HiddenStates
     --resume (plan written after every merge step)   -> come_prune(resume=, on_step=); come_runtime.write_plan
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
     sp --train-memory checkpoint|offload (FSDP2)     -> distill_step; come_runtime.offload_layers
     --post-train best (a recipe that recovers)       -> TRAIN_RECIPES["best"], train_layers(targets "output")
     --offload-layers (device_map, weights off GPU)   -> come_runtime.load_model, materialized; spare_layer, apply_merge
+    post-training of dropped models (§14)            -> drop_from_tree (the layer before a cut takes the block's span)
+    BI only from the last merge on, on the device    -> come_prune (bi[:stale_from]), block_influence(device=)
+    --compare --post-train (every start, one recipe) -> come_cli.py: compare, post_trained_row
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.

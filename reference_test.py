@@ -1177,7 +1177,8 @@ def test_compare_post_trains_every_start_with_the_same_recipe_as_a_single_run(ti
     folder = tiny_folder("llama-gqa")
     common = ["--model", folder, "--seqlen", 64, "--eval-ppl", calib_txt, "--post-train", "sp", "--train-samples", 4,
               "--lr", 1e-3, "--train-data", calib_txt]
-    report = cli(*common, "--calib", calib_txt, "--compare", "come,sleb-repair", "--sparsities", "0.15,0.3", "--save", tmp_path / "cmp")
+    report = cli(*common, "--calib", calib_txt, "--compare", "come,sleb-repair", "--sparsities", "0.15,0.3",
+                 "--save", tmp_path / "cmp")
     cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
     assert set(cells) == {(n, s) for n in ("come", "come + sp", "sleb-repair", "sleb-repair + sp")
                           for s in (0.15, 0.3)}
