@@ -1277,7 +1277,8 @@ def drop_from_tree(tree: list[list[int]], start: int, n: int) -> list[int]:
 
     [OURS] Their span passes to the layer before the cut (to the layer after it for a cut at layer 0), so that the
     tree still covers every original layer in order: post-training distils that layer to the teacher's state leaving
-    the dropped block, the state a drop repair fits (§14).
+    the dropped block, the state a drop repair fits (§14). A drop step's "original" is this list: the span the
+    removed layers stood for, including layers that an earlier drop passed to them.
     """
     dropped = sum(tree[start:start + n], [])
     del tree[start:start + n]
