@@ -1984,6 +1984,26 @@ def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny
     assert plan["cache"] == "gpu"
 
 
+def test_a_host_cache_of_a_gpu_model_synchronizes_the_model_s_device(tiny_folder, monkeypatch):
+    """The CUDA-only lines of a pinned host cache, executed on the CPU: the cache believes its model computes on
+    cuda:0 (its first device_of answer), pins its boundaries (ordinary memory where pinning is refused), and after
+    refresh and after a suffix pass through offloaded layers synchronizes cuda:0 by index, never the current device."""
+    cuda = StrictFakeCuda(monkeypatch)
+    real, asked = come.device_of, []
+
+    def first_answer_cuda(module):
+        asked.append(module)
+        return torch.device("cuda:0") if len(asked) == 1 else real(module)
+    monkeypatch.setattr(come, "device_of", first_answer_cuda)
+    model = come_runtime.load_model(str(tiny_folder("llama-gqa")), "cpu", torch.float32, offload=2)
+    cache = come.HiddenStates(model, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert cache.pin and cache.device == torch.device("cuda:0")
+    cache.refresh(0)
+    assert cuda.calls == [("synchronize", 0)]
+    cache.nll_from(3, list(enumerate(come.decoder_layers(model)))[3:])     # offloaded suffix: the scratch path
+    assert cuda.calls == [("synchronize", 0)] * 2
+
+
 def test_a_cuda_device_the_machine_lacks_is_refused_and_the_current_gpu_is_kept(tiny_folder, calib_txt, tmp_path,
                                                                                monkeypatch, capsys):
     cuda = StrictFakeCuda(monkeypatch, count=2)
