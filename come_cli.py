@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--post-train", choices=("none", "sp", "mp", "best"), default="none",
                     help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able), "
                          "best (our recipe, the defaults below marked best:) [ours]")
-    g.add_argument("--train-data", help="training text, same choices as --calib (default: the calibration source)")
+    g.add_argument("--train-data", help="training text, same choices as --calib, or austen (ours: Pride and Prejudice "
+                   "and Emma, training only), or a mix in equal shares: wiki-offline+austen (default: the "
+                   "calibration source)")
     for flag, kind, text, fallback in (
             ("--train-samples", int, "training rows", ""), ("--epochs", int, "post-training epochs", ""),
             ("--lr", float, "sp learning rate", ""), ("--train-seqlen", int, "training window", "--seqlen"),
@@ -232,6 +234,11 @@ def validate(args, ap) -> None:
             ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
         if args.distill_targets == "output" and args.post_train == "mp":
             ap.error("--distill-targets output applies to sp: mp trains each merged layer on its own boundary")
+    if "austen" in (args.eval_ppl or []) or args.calib == "austen":
+        ap.error("'austen' is a training text only (--train-data austen or a mix such as wiki-offline+austen)")
+    if args.train_data and ("" in args.train_data.split("+") or
+                            len(set(args.train_data.split("+"))) != len(args.train_data.split("+"))):
+        ap.error(f"--train-data {args.train_data}: a mix names each text once, joined by '+'")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
         ap.error("torchrun runs several processes only for --post-train mp")
     if args.device.startswith("cuda") and not torch.cuda.is_available() and not (args.dry_run and args.gpu_gib):
@@ -380,7 +387,7 @@ def prepare(args) -> Job:
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
     ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in ev.SOURCES else [])
-    for source in {calib, args.train_data, *ppl_sources} - {None}:
+    for source in {calib, *(args.train_data or "").split("+"), *ppl_sources} - {None, ""}:
         ev.check_hub_source(source)         # before any weights or text are loaded
     settings = ev.EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
                             max_windows=args.eval_windows, tasks=ev.parse_tasks(args.tasks), task_path=args.task_path,
@@ -521,23 +528,26 @@ def post_training(job: Job, model) -> None:
 
 
 def training_windows(job: Job) -> tuple[str, torch.Tensor]:
-    """(source, token windows) of post-training: --train-data, else the calibration source."""
+    """(source, token windows) of post-training: --train-data (one text or a '+' mix), else the calibration source."""
     args = job.args
-    source = args.train_data or job.calib
+    source, seqlen = args.train_data or job.calib, args.train_seqlen or args.seqlen
+    if "+" in source:       # [OURS] equal shares of several texts, interleaved
+        return source, ev.mixed_windows(source.split("+"), job.tokenizer, args.train_samples, seqlen, args.seed)
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
-    return source, ev.calibration_windows(source, job.tokenizer, args.train_samples, args.train_seqlen or args.seqlen,
-                                          args.seed, "training")
+    return source, ev.calibration_windows(source, job.tokenizer, args.train_samples, seqlen, args.seed, "training")
 
 
 def post_trained_row(job: Job, base, plan: dict, pruned_row: dict, train_ids: torch.Tensor) -> dict:
     """[OURS] --compare --post-train: the stop of `pruned_row`, rebuilt from its plan, post-trained with the run's
     recipe and windows (the same for every start; the dense model is the teacher), then evaluated."""
-    student, label = copy.deepcopy(base), f"{pruned_row['method']} + {job.args.post_train}"
-    merge = apply_plan(student, plan, pruned_row["layers"])
-    post = post_train(student, base, merge["tree"], train_ids, job.tc)
-    res = ev.evaluate(student, job.tokenizer, job.settings, job.ppl_ids, f"{label} s={pruned_row['sparsity']}")
+    label, peaks = f"{pruned_row['method']} + {job.args.post_train}", {}
+    with rt.row_peaks(job.args.device, peaks):      # the row's own peak: the copy, its training and evaluation
+        student = copy.deepcopy(base)
+        merge = apply_plan(student, plan, pruned_row["layers"])
+        post = post_train(student, base, merge["tree"], train_ids, job.tc)
+        res = ev.evaluate(student, job.tokenizer, job.settings, job.ppl_ids, f"{label} s={pruned_row['sparsity']}")
     return {**{k: pruned_row[k] for k in ("sparsity", "layers", "plan", "prune_seconds", "achieved_sparsity")},
-            "method": label, "train_seconds": post["seconds"], "peak_rss_gib_so_far": round(rt.peak_rss_gib(), 3),
+            "method": label, "train_seconds": post["seconds"], **peaks,
             "post_training": {k: post[k] for k in ("mode", "steps", "windows", "tokens", "layers")}, **res}
 
 
@@ -581,8 +591,12 @@ def compare(job, base) -> dict:
                     spent[0] += time.perf_counter() - t0
             extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
             log(f"compare: {label}")
-            plan = PRUNERS[method](model, calib_ids, min(stops.values()), mcfg, job.cache_device(),
-                                   on_depth=on_depth, stops=tuple(stops.values()), **extra)
+            first, peaks = len(rows), {}
+            with rt.row_peaks(args.device, peaks):      # the run's own peak: its copy, pruning and evaluations
+                plan = PRUNERS[method](model, calib_ids, min(stops.values()), mcfg, job.cache_device(),
+                                       on_depth=on_depth, stops=tuple(stops.values()), **extra)
+            for row in rows[first:]:
+                row.update(peaks)
             plans[label] = {**job_identity(job), "config": dataclasses.asdict(mcfg), "merge": plan}
             if name == "come":
                 come_plan = plan

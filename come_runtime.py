@@ -8,10 +8,12 @@ Like come.py it needs only torch and transformers at import.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -266,8 +268,46 @@ def versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def peak_rss_gib() -> float:
+_PEAK_BEFORE_RESET = [0.0]      # the process's peak RSS before the last reset_host_peak (GiB)
+
+
+def _hwm_gib() -> float:
+    """The kernel's peak resident set size of this process (VmHWM; ru_maxrss where /proc is not Linux's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_rss_gib() -> float:
+    """The process's peak RSS since it started (GiB), across any reset_host_peak."""
+    return max(_PEAK_BEFORE_RESET[0], _hwm_gib())
+
+
+def reset_host_peak() -> bool:
+    """[OURS] Start a new host peak (Linux: `5` to /proc/self/clear_refs resets VmHWM), keeping the process's
+    peak for peak_rss_gib. False where the system has no such reset (then a row's peak is the running peak)."""
+    _PEAK_BEFORE_RESET[0] = peak_rss_gib()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def row_peaks(device: str, into: dict):
+    """[OURS] Peak host RSS and GPU memory of one block of work (a --compare row), written into `into`:
+    peak_host_gib (since the block began where the system can reset it, else the process's running peak, and
+    host_peak_scope says which) and, on CUDA, peak_gpu_reserved_gib / peak_gpu_allocated_gib."""
+    own = reset_host_peak()
+    gpu_peaks(device)       # resets the GPU's peak counters (and releases the allocator's cache)
+    yield
+    into.update(peak_host_gib=round(_hwm_gib() if own else peak_rss_gib(), 3),
+                host_peak_scope="row" if own else "process so far")
+    peaks = gpu_peaks(device)
+    if peaks:
+        into.update(peak_gpu_reserved_gib=peaks["reserved_gib"], peak_gpu_allocated_gib=peaks["allocated_gib"])
 
 
 def gpu_peaks(device: str, reset: bool = True) -> dict[str, float] | None:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -867,6 +868,40 @@ def test_row_calibration_is_seeded_shuffle(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a[:1], c[:1])
 
 
+def test_mixed_training_windows_interleave_each_text_s_own_windows_in_equal_shares(tmp_path):
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    paths = []
+    for name, n_rows in (("a", 40), ("b", 60)):
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("\n".join(json.dumps({"text": f"{name} {i} " + tiny_text(20, i)}) for i in range(n_rows)))
+    own = [come_eval.calibration_windows(str(p), tok, 7, 16, seed=3) for p in paths]
+    total = own[0].shape[0]                       # as many windows as the first text alone gives
+    mixed = come_eval.mixed_windows([str(p) for p in paths], tok, 7, 16, seed=3)
+    expected, taken = [], [0, 0]
+    while len(expected) < total:                  # a, b, a, b, ...: the first text takes the odd one out
+        i = len(expected) % 2
+        expected.append(own[i][taken[i]])
+        taken[i] += 1
+    assert total >= 3 and taken[0] - taken[1] == total % 2
+    assert torch.equal(mixed, torch.stack(expected))
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "too short for a window of its own"}))
+    with pytest.raises(come.ComeError, match="share of the mix"):
+        come_eval.mixed_windows([str(paths[0]), str(short)], tok, 7, 16, seed=3)
+
+
+def test_the_training_only_text_is_the_novels_chapters_and_has_no_test_part():
+    text = (Path(come_eval.__file__).parent / "data" / "austen.txt").read_text(encoding="utf-8")
+    starts = [m.start() for m in re.finditer(r"^(PRIDE AND PREJUDICE|EMMA) (VOLUME [IVX]+ )?CHAPTER \S+$", text, re.M)]
+    assert len(starts) == 61 + 55 and starts[0] == 0
+    oracle = [" ".join(text[a:b].split()) for a, b in zip(starts, starts[1:] + [len(text)])]
+    rows = come_eval.text_rows("austen", "train")
+    assert [" ".join(r.split()) for r in rows] == oracle
+    assert "Moby" not in text and "CHAPTER 1. Loomings" not in text
+    with pytest.raises(come.ComeError, match="training text only"):
+        come_eval.text_rows("austen", "test")
+
+
 STANDALONE = """
 import os, sys, warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # the folder of the lone copy, nothing else
@@ -1175,14 +1210,18 @@ def test_compare_post_trains_every_start_with_the_same_recipe_as_a_single_run(ti
     """--compare with --post-train: each stop, merged or dropped, is rebuilt from its plan and post-trained with the
     run's recipe and windows; its perplexity equals a single run of --apply-plan --post-train on that plan."""
     folder = tiny_folder("llama-gqa")
+    second = tmp_path / "second.txt"            # the training text is a mix of two texts (ours: --train-data A+B)
+    second.write_text(tiny_text(600, seed=1))
     common = ["--model", folder, "--seqlen", 64, "--eval-ppl", calib_txt, "--post-train", "sp", "--train-samples", 4,
-              "--lr", 1e-3, "--train-data", calib_txt]
+              "--lr", 1e-3, "--train-data", f"{calib_txt}+{second}"]
     report = cli(*common, "--calib", calib_txt, "--compare", "come,sleb-repair", "--sparsities", "0.15,0.3",
                  "--save", tmp_path / "cmp")
     cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
     assert set(cells) == {(n, s) for n in ("come", "come + sp", "sleb-repair", "sleb-repair + sp")
                           for s in (0.15, 0.3)}
-    assert report["post_training"]["mode"] == "sp" and report["post_training"]["windows"] >= 1
+    assert report["post_training"]["mode"] == "sp" and report["post_training"]["windows"] >= 2
+    assert report["post_training"]["source"] == f"{calib_txt}+{second}"
+    assert all(r["peak_host_gib"] > 0 for r in report["rows"])
     for name, s in (("come", 0.3), ("sleb-repair", 0.15)):
         row, trained = cells[name, s], cells[f"{name} + sp", s]
         assert trained["train_seconds"] > 0 and trained["layers"] == row["layers"]
@@ -1193,7 +1232,7 @@ def test_compare_post_trains_every_start_with_the_same_recipe_as_a_single_run(ti
             trained["ppl"][str(calib_txt)]["ppl"]
         assert trained["ppl"][str(calib_txt)]["ppl"] != row["ppl"][str(calib_txt)]["ppl"]
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "training s |" in md and "| come + sp |" in md and "| sleb-repair + sp |" in md
+    assert "training s | peak host GiB |" in md and "| come + sp |" in md and "| sleb-repair + sp |" in md
 
 
 # ============================================================================ post-training (Algorithms 3, 4)
@@ -1468,6 +1507,9 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
     (["--post-train", "best", "--train-seqlen", "0"], "must be positive"),
     (["--post-train", "best", "--train-batch-size", "0"], "must be positive"),
     (["--post-train", "mp", "--distill-targets", "output"], "applies to sp"),
+    (["--post-train", "best", "--train-data", "wiki-offline+"], "names each text once"),
+    (["--post-train", "best", "--train-data", "austen+austen"], "names each text once"),
+    (["--eval-ppl", "austen"], "training text only"),
 ])
 def test_bad_post_training_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
@@ -1959,6 +2001,25 @@ class StrictFakeCuda:
         return int(self.free), int(2 * self.free)
 
 
+def test_each_compare_row_gets_its_own_host_and_gpu_peak(monkeypatch):
+    first, second = {}, {}
+    with come_runtime.row_peaks("cpu", first):
+        block = torch.ones(2**26)                       # 256 MiB, touched, freed before the next row
+        del block
+    with come_runtime.row_peaks("cpu", second):
+        pass
+    # peaks are reported to 3 decimals (half a MiB): the process's unrounded peak may sit 5e-4 GiB below a row's
+    assert come_runtime.peak_rss_gib() + 5e-4 >= first["peak_host_gib"] >= second["peak_host_gib"] > 0
+    if first["host_peak_scope"] == "row":               # Linux: the kernel's peak restarts with every row
+        assert first["peak_host_gib"] - second["peak_host_gib"] >= 0.25 * 0.9
+    fake, on_gpu = StrictFakeCuda(monkeypatch, count=2), {}
+    fake.current = 1
+    with come_runtime.row_peaks("cuda:1", on_gpu):
+        pass
+    assert {"peak_gpu_reserved_gib", "peak_gpu_allocated_gib"} <= set(on_gpu)
+    assert [c for c in fake.calls if c[0] == "reset_peak_memory_stats"] == [("reset_peak_memory_stats", 1)] * 2
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", None])
 def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny_folder, calib_txt, tmp_path,
                                                                     monkeypatch):
@@ -2155,7 +2216,6 @@ def test_generated_tasks_score_like_a_literal_loglikelihood_argmax_with_stderr()
 def book_parts_from_the_file() -> dict[str, dict[int, str]]:
     """Oracle: the book split straight from data/moby_dick.txt's headings ("CHAPTER N. ..." lines and "Epilogue"),
     whitespace-normalised: even chapters and the Epilogue (136) are the test part, odd ones the selection part."""
-    import re
     text = (Path(come_eval.__file__).parent / "data" / "moby_dick.txt").read_text(encoding="utf-8")
     marks = [(m.start(), int(m.group(1) or 136)) for m in re.finditer(r"^(?:CHAPTER (\d+)\. |Epilogue$)", text, re.M)]
     spans = {n: " ".join(text[a:b].split()) for (a, n), (b, _) in zip(marks, marks[1:] + [(len(text), 0)])}
