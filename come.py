@@ -1040,10 +1040,13 @@ MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
           "qwen3": [5e-4, 2.5e-4, 5e-5, 2.5e-5, 1e-5, 7.5e-6]}
 # Unset post-training flags: the paper's settings for --post-train sp|mp [PAPER], ours for --post-train best [OURS]
 # (docs/post-training.md: chosen on held-out training text, never on the test split).
+# train_data: "calib" is the calibration source; best mixes it with a third text in equal shares ("calib+austen").
 TRAIN_RECIPES = {"paper": {"train_samples": 256, "epochs": 1, "lr": 1e-5, "train_seqlen": None, "distill_loss": "kl",
-                           "distill_targets": "merged", "train_all": False, "train_batch_size": None},
-                 "best": {"train_samples": 1024, "epochs": 1, "lr": 1e-4, "train_seqlen": 512, "distill_loss": "kl",
-                          "distill_targets": "output", "train_all": True, "train_batch_size": 1}}
+                           "distill_targets": "merged", "train_all": False, "train_batch_size": None,
+                           "train_data": "calib"},
+                 "best": {"train_samples": 1024, "epochs": 1, "lr": 3e-4, "train_seqlen": 512, "distill_loss": "kl",
+                          "distill_targets": "output", "train_all": True, "train_batch_size": 1,
+                          "train_data": "calib+austen"}}
 
 
 @dataclasses.dataclass
@@ -1065,6 +1068,7 @@ class TrainConfig:
     seed: int = 0                        # window order of every epoch
     save_dtype: str | None = None        # [OURS] dtype of the trained model (None: the student's); e.g. "float32"
     memory: str = "plain"                # [OURS] sp: "checkpoint" activations or "offload" (+ FSDP2 CPU offload)
+    offload_count: int | None = None     # [OURS] offload: how many trained layers go to the host (None: all)
 
 
 def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, int]]:
@@ -1215,12 +1219,16 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
 
     before, n_steps = losses(), tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
     # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
-    templates = _beside("come_runtime", "--train-memory offload").offload_layers(layers, js) \
-        if tc.memory == "offload" else None
-    params = [p for j in js for p in (layers[j] if templates else layers[j].float()).requires_grad_(True).parameters()]
-    opt = torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)
+    # [OURS] offload: the deepest `offload_count` trained layers (all by default) keep their training state on the
+    # host; the others train on the device. Each group has its own AdamW (FSDP2's DTensors and plain tensors apart).
+    on_host = (js if tc.offload_count is None else js[len(js) - tc.offload_count:]) if tc.memory == "offload" else []
+    templates = _beside("come_runtime", "--train-memory offload").offload_layers(layers, on_host) if on_host else {}
+    groups = [[p for j in js if (j in on_host) == host
+               for p in (layers[j] if host else layers[j].float()).requires_grad_(True).parameters()]
+              for host in (False, True)]
+    opts = [torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay) for params in groups if params]
     # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps) for opt in opts]
     name = f"CoMe-{tc.mode}" + (f" layer {js[0]}" if tc.mode == "mp" else "")
     for epoch in range(tc.epochs):
         order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(tc.seed + epoch))
@@ -1230,16 +1238,17 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
             states, kwargs = teacher_states(teacher, ids[batch], boundaries)
             # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
             step_loss = sum(distill_step(student, teacher, states, kwargs, spans, at, tc).values())
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            for opt, sched in zip(opts, scheds):
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
             epoch_loss += step_loss / ids.shape[0] * len(batch)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{step_loss:.4f}")
         log(f"{name} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f}")
     after_fp32 = losses()
     for j in js:
-        if templates:       # plain layers again, with the trained weights gathered from the host
+        if j in on_host:    # plain layers again, with the trained weights gathered from the host
             full = {k: v.full_tensor() for k, v in layers[j].state_dict().items()}
             layers[j] = templates[j].to_empty(device=templates["device"]).float()
             layers[j].load_state_dict(full)

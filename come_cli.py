@@ -139,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--post-train", choices=("none", "sp", "mp", "best"), default="none",
                     help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able), "
                          "best (our recipe, the defaults below marked best:) [ours]")
-    g.add_argument("--train-data", help="training text, same choices as --calib, or austen (ours: Pride and Prejudice "
-                   "and Emma, training only), or a mix in equal shares: wiki-offline+austen (default: the "
-                   "calibration source)")
+    g.add_argument("--train-data", help="training text: calib (the calibration source), a --calib choice, austen "
+                   "(ours: Pride and Prejudice and Emma, training only), or a mix in equal shares joined by '+', e.g. "
+                   "calib+austen (default calib; best: calib+austen)")
     for flag, kind, text, fallback in (
             ("--train-samples", int, "training rows", ""), ("--epochs", int, "post-training epochs", ""),
             ("--lr", float, "sp learning rate", ""), ("--train-seqlen", int, "training window", "--seqlen"),
@@ -387,7 +387,8 @@ def prepare(args) -> Job:
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
     ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in ev.SOURCES else [])
-    for source in {calib, *(args.train_data or "").split("+"), *ppl_sources} - {None, ""}:
+    train_source = training_source(args.train_data, calib) if tc else None
+    for source in {calib, *(train_source or "").split("+"), *ppl_sources} - {None, ""}:
         ev.check_hub_source(source)         # before any weights or text are loaded
     settings = ev.EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
                             max_windows=args.eval_windows, tasks=ev.parse_tasks(args.tasks), task_path=args.task_path,
@@ -527,10 +528,18 @@ def post_training(job: Job, model) -> None:
     job.gpu_phase("evaluate post-trained")
 
 
+def training_source(train_data: str, calib: str) -> str:
+    """--train-data with "calib" read as the calibration source: one text, or [OURS] a '+' mix of distinct texts."""
+    parts = [calib if part == "calib" else part for part in train_data.split("+")]
+    if len(set(parts)) != len(parts):
+        raise ComeError(f"--train-data {train_data} names {calib} twice (calib is the calibration source {calib})")
+    return "+".join(parts)
+
+
 def training_windows(job: Job) -> tuple[str, torch.Tensor]:
-    """(source, token windows) of post-training: --train-data (one text or a '+' mix), else the calibration source."""
+    """(source, token windows) of post-training: --train-data, one text or a '+' mix (calib: the calibration text)."""
     args = job.args
-    source, seqlen = args.train_data or job.calib, args.train_seqlen or args.seqlen
+    source, seqlen = training_source(args.train_data, job.calib), args.train_seqlen or args.seqlen
     if "+" in source:       # [OURS] equal shares of several texts, interleaved
         return source, ev.mixed_windows(source.split("+"), job.tokenizer, args.train_samples, seqlen, args.seed)
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
@@ -607,7 +616,7 @@ def compare(job, base) -> dict:
     report = {"model": args.model, "calibration": job.calib, "calibration_tokens": calib_ids.numel(),
               "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": rt.versions(),
               **({"post_training": {**dataclasses.asdict(job.tc), "windows": train_ids.shape[0],
-                                    "source": args.train_data or job.calib}} if job.tc else {})}
+                                    "source": training_source(args.train_data, job.calib)}} if job.tc else {})}
     names = [x for n in names for x in ([n, f"{n} + {args.post_train}"] if job.tc else [n])]
     markdown = ev.compare_markdown(report, names, sparsities)
 

@@ -439,22 +439,26 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     if tc:
         n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
         live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
+        away_n = (n if tc.offload_count is None else min(tc.offload_count, n)) * off   # training state on the host
         seqlen = tc.seqlen or seqlen                                  # the training window
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
         student = weights + merged if mapped else student_params * e - \
             max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
-        foreach = live * per_layer * 4 if gpu and not off else 3 * biggest * 4    # AdamW's sqrt(v) (for-loop on CPU)
+        # AdamW's sqrt(v): foreach over the device's trained layers on a GPU, for-loop per tensor on the CPU
+        foreach_host = 3 * biggest * 4 if not gpu or away_n else 0
+        foreach = (live - away_n) * per_layer * 4 * gpu + foreach_host
         cast = (save_dtype.itemsize - e) * student_params if save_dtype and save_dtype.itemsize > e else 0
-        parts = {"teacher": weights, "student": student - n * per_layer * e * off, "offloaded layers": 2 * away,
-                 f"training state ({live} layer{'s' * (live > 1)}{', on the host' * off})":
-                     live * per_layer * (16 if off else 16 - e),
+        parts = {"teacher": weights, "student": student - away_n * per_layer * e, "offloaded layers": 2 * away,
+                 f"training state ({live - away_n} layer{'s' * (live - away_n != 1)})":
+                     (live - away_n) * per_layer * (16 - e),
+                 f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * per_layer * 16,
                  "AdamW temporaries": foreach,
-                 "gathered layer": per_layer * 8 * off,     # offload: the running layer's fp32 weights and gradient
+                 "gathered layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
                  "KL chunk": tc.kl_chunk * V * 4 * 4, "cast to --save-dtype": cast}
-        on_host = live * per_layer * 16 * off + 2 * away + foreach * off
+        on_host = away_n * per_layer * 16 + 2 * away + foreach_host * (away_n > 0)
         phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu * slack, "parts": parts,
                                 "host": runtime + (on_host if gpu else sum(parts.values()))}
     saved_bytes = student_params * (save_dtype or dtype).itemsize
@@ -481,8 +485,13 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
     save_dtype = getattr(torch, tc.save_dtype) if tc and tc.save_dtype else None
     chosen, layers = tc, offload or 0
     while True:
-        for memory in ("plain", "checkpoint", "offload") if tc and tc.mode == "sp" and tc.memory == "auto" else [None]:
-            chosen = dataclasses.replace(tc, memory=memory) if memory else tc
+        auto = tc and tc.mode == "sp" and tc.memory == "auto"
+        trained = (target if tc.train_all else config.num_hidden_layers - target) if tc else 0
+        # [OURS] auto offload moves the fewest trained layers' state to the host that fit (the rest train on the GPU)
+        tries = [("plain", None), ("checkpoint", None)] + [("offload", k) for k in range(1, trained)] + \
+            [("offload", None)] if auto else [(None, None)]
+        for memory, count in tries:
+            chosen = dataclasses.replace(tc, memory=memory, offload_count=count) if memory else tc
             plan = memory_plan(config, dtype, device, windows, seqlen, target, cfg, chosen, budget, placement, mapped,
                                layers, models, tasks, eval_while_pruning, save_dtype)
             if not plan["problems"]:
@@ -492,7 +501,8 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
                 layers >= config.num_hidden_layers - 1:
             break
         layers += 1
-    plan.update(offload_layers=layers, train_memory=chosen.memory if chosen and chosen.mode == "sp" else None)
+    plan.update(offload_layers=layers, train_memory=chosen.memory if chosen and chosen.mode == "sp" else None,
+                train_offload_count=chosen.offload_count if chosen and chosen.memory == "offload" else None)
     if plan["problems"]:
         hints = []
         if chosen and chosen.mode == "sp":
@@ -501,8 +511,9 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
             hints.append(f"--post-train mp trains one merged layer at a time ({mp['gpu_gib']:.1f} GiB GPU, "
                          f"{mp['host_gib']:.1f} GiB host)")
             if chosen.train_all:        # fp32 weights, gradients and AdamW moments: 16 bytes a trained parameter
-                merged = memory_plan(config, dtype, device, windows, seqlen, target, cfg,
-                                     dataclasses.replace(chosen, train_all=False), budget, placement)
+                merged, _ = place_run(config, dtype, device, windows, seqlen, target, cfg,
+                                      dataclasses.replace(tc, train_all=False), budget, placement, mapped, offload,
+                                      models, tasks, eval_while_pruning)
                 sp = merged["memory"]["post_train"]
                 hints.append(f"--no-train-all trains the {config.num_hidden_layers - target} merged layers instead of "
                              f"all {target} ({sp['gpu_gib']:.1f} GiB GPU, {sp['host_gib']:.1f} GiB host): training "
@@ -525,7 +536,9 @@ def describe_memory(plan: dict, what: str) -> str:
     lines = [f"memory plan ({what}; budget {budget['gpu']:.1f} GiB GPU + {budget['host']:.1f} GiB host"
              + (f" + {budget['disk']:.1f} GiB disk" if "disk" in budget else "") + "; hidden-state "
              f"cache on {plan['cache']}" + (f"; sp training memory: {plan['train_memory']}" if plan.get("train_memory")
-                                           else "") + (f"; {plan['offload_layers']} layers offloaded"
+                                           else "")
+             + (f" ({plan['train_offload_count']} trained layers' state on the host, the rest on the GPU)"
+                if plan.get("train_offload_count") else "") + (f"; {plan['offload_layers']} layers offloaded"
                                                        if plan.get("offload_layers") else "") + "):"]
     for phase, v in plan["memory"].items():
         parts = sorted(((k, x) for k, x in v["parts_bytes"].items() if x), key=lambda kv: -kv[1])[:4]

@@ -1451,6 +1451,7 @@ def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, t
     assert settings["lr"] == best["lr"] and settings["epochs"] == best["epochs"]
     assert settings["targets"] == best["distill_targets"] and settings["train_all"] == best["train_all"]
     assert settings["loss"] == best["distill_loss"] and plan["post_training"]["tokens"] % 16 == 0
+    assert best["train_data"] == "calib+austen" and plan["post_training"]["source"] == f"{calib_txt}+austen"
     replay = cli(*common, "--apply-plan", tmp_path / "a" / "come_plan.json", "--save", tmp_path / "b")
     assert replay["post_training"]["settings"] == settings
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
@@ -1462,6 +1463,7 @@ def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, t
     paper = cli(*common[:8], "--post-train", "sp", "--lr", 2e-3, "--apply-plan", tmp_path / "a" / "come_plan.json",
                 "--save", tmp_path / "d")["post_training"]["settings"]
     assert paper["recipe"] == "paper" and paper["lr"] == 2e-3 and paper["targets"] == "merged"
+    assert come.TRAIN_RECIPES["paper"]["train_data"] == "calib"
     assert not paper["train_all"] and paper["seqlen"] is None
 
 
@@ -1509,9 +1511,11 @@ def test_torchrun_mp_from_saved_plan_equals_single_process(tiny_folder, calib_tx
     (["--post-train", "mp", "--distill-targets", "output"], "applies to sp"),
     (["--post-train", "best", "--train-data", "wiki-offline+"], "names each text once"),
     (["--post-train", "best", "--train-data", "austen+austen"], "names each text once"),
+    (["--post-train", "best", "--train-data", "calib+CALIB"], "twice"),
     (["--eval-ppl", "austen"], "training text only"),
 ])
 def test_bad_post_training_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
+    args = [a.replace("CALIB", str(calib_txt)) for a in args]          # CALIB: the calibration file's path
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
                  match=match)
     assert not (tmp_path / "o").exists()
@@ -1624,8 +1628,9 @@ def test_save_dtype_keeps_fp32_updates_and_the_cast_warning():
             assert bad and len(undone) == len(bad)
 
 
-@pytest.mark.parametrize("memory", ["checkpoint", "offload"])
-def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, monkeypatch):
+@pytest.mark.parametrize("memory,count", [("checkpoint", None), ("offload", None), ("offload", 1)])
+def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, count, monkeypatch):
+    """count 1: only the deepest trained layer's state on the host, the others train in place (two AdamWs)."""
     seen = []
 
     class SpyAdamW(torch.optim.AdamW):
@@ -1638,13 +1643,19 @@ def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, mo
     for mode in ("plain", memory):
         teacher, student, tree, ids = pruned_pair("qwen3")
         before = copy.deepcopy(student.state_dict())
-        tc = come.TrainConfig(mode="sp", epochs=2, batch_size=2, lr=1e-3, memory=mode)
+        tc = come.TrainConfig(mode="sp", epochs=2, batch_size=2, lr=1e-3, memory=mode,
+                              offload_count=count if mode == "offload" else None)
         runs.append((student, come.post_train(student, teacher, tree, ids, tc)["layers"]))
     (a, rows_a), (b, rows_b) = runs
     assert_same_training(a.state_dict(), b.state_dict(), before)
     assert [r["loss_after"] for r in rows_b] == pytest.approx([r["loss_after"] for r in rows_a], rel=TRAIN_RTOL)
     assert all(type(p) is torch.nn.Parameter for p in b.parameters())      # plain layers again after offloading
     assert ("DTensor" in seen) == (memory == "offload") and not torch.distributed.is_initialized()
+    trained = len(rows_a)                   # one loss row per trained (merged) layer here
+    per_layer = len(list(come.decoder_layers(a)[0].parameters()))
+    if count:                               # the deepest layer's tensors went to the host, the others did not
+        assert trained >= 2 and seen.count("DTensor") == per_layer and \
+            seen.count("Parameter") == trained * per_layer + (trained - 1) * per_layer
 
 
 # ============================================================================ memory plan, cache placement, resume
@@ -1724,27 +1735,46 @@ def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 128,
         "--sparsity", 0.3, "--nsamples", 8, "--post-train", "sp", "--results", out)
     sp = json.loads(out.read_text())
-    assert "training state (10 layers, on the host)" in sp["memory"]["post_train"]["parts_bytes"]
-    assert not sp["problems"] and sp["memory"]["post_train"]["gpu_gib"] < 40 < sp["memory"]["post_train"]["gpu_gib"] \
-        + sp["memory"]["post_train"]["parts_bytes"]["training state (10 layers, on the host)"] / 2**30
+    k, parts = sp["train_offload_count"], sp["memory"]["post_train"]["parts_bytes"]   # some merged layers' state
+    assert 0 < k < 10 and parts[f"training state ({k} layers, on the host)"] == k * 16 * 202_383_360   # on the host
+    assert parts[f"training state ({10 - k} layers)"] == (10 - k) * 14 * 202_383_360
+    assert not sp["problems"] and sp["memory"]["post_train"]["gpu_gib"] < 40
 
 
-def test_a_post_training_that_does_not_fit_names_what_it_needs_and_what_would(tmp_path, capsys):
-    """--post-train best at 7B on a 40 GiB GPU with 64 GiB of host: the plan says it does not fit, and names training
-    the merged layers only (16 bytes a trained parameter) with that plan's numbers, which fit."""
+def test_post_training_every_layer_at_7b_fits_by_moving_the_fewest_layers_state_to_the_host(tmp_path, capsys):
+    """--post-train best at 7B on a 40 GiB GPU with 64 GiB of host: all 22 trained layers' state on the host (67 GiB)
+    does not fit; the plan moves the fewest layers' state there that fit both (the rest train on the GPU), counts
+    16 bytes a parameter on the host and 16 - 2 on the GPU (bf16 weights already counted), and names what would help
+    when nothing fits."""
     common = ["--model", "meta-llama/Llama-2-7b-hf", "--sparsity", 0.3, "--method", "sleb", "--dry-run", "--device",
-              "cuda", "--gpu-gib", 40, "--host-gib", 64]
-    plan = cli(*common, "--post-train", "best")
+              "cuda", "--gpu-gib", 40, "--host-gib", 64, "--post-train", "best"]
+    config = come_cli.load_config("meta-llama/Llama-2-7b-hf", builtin=True)
+    per_layer = sum(p.numel() for p in come.meta_model(config).model.layers[0].parameters())
+    plan = cli(*common)
+    k = plan["train_offload_count"]
+    parts = plan["memory"]["post_train"]["parts_bytes"]
+    assert not plan["problems"] and plan["train_memory"] == "offload" and 0 < k < 22
+    assert parts[f"training state ({k} layers, on the host)"] == k * 16 * per_layer
+    assert parts[f"training state ({22 - k} layers)"] == (22 - k) * 14 * per_layer
+    assert plan["memory"]["post_train"]["host_gib"] <= 64 and plan["memory"]["post_train"]["gpu_gib"] <= 40
+    assert f"{k} trained layers' state on the host" in capsys.readouterr().out
+
+    def post_train_plan(count):             # the same plan with `count` layers' state on the host
+        tc = come.TrainConfig(mode="sp", batch_size=1, lr=3e-4, train_all=True, targets="output", seqlen=512,
+                              recipe="best", memory="offload", offload_count=count)
+        budget = {"gpu": plan["budget_gib"]["gpu"] * 2**30, "host": plan["budget_gib"]["host"] * 2**30}
+        return come_runtime.memory_plan(config, torch.bfloat16, "cuda:0", 256, 2048, 22,
+                                        come.ComeConfig(method="sleb"), tc, budget, plan["cache"])["memory"]["post_train"]
+    assert post_train_plan(k) == plan["memory"]["post_train"]
+    assert post_train_plan(k - 1)["gpu_gib"] > plan["budget_gib"]["gpu"]       # the fewest that fit
+    assert post_train_plan(22)["host_gib"] > 64                                  # all of them do not
+    small = cli(*common[:-4], "--host-gib", 32, "--post-train", "best")         # nothing fits: say what would
     out = capsys.readouterr().out
-    assert plan["problems"] and "--no-train-all trains the 10 merged layers instead of all 22" in out
-    hint = float(out.split("--no-train-all trains the 10 merged layers instead of all 22 (")[1].split(" GiB GPU, ")[1]
-                 .split(" GiB host")[0])
-    merged = cli(*common, "--post-train", "best", "--no-train-all")
-    assert not merged["problems"] and merged["memory"]["post_train"]["host_gib"] == pytest.approx(hint, abs=0.05)
-    assert hint <= 64
-    assert plan["memory"]["post_train"]["parts_bytes"]["training state (22 layers, on the host)"] == \
-        22 * 16 * sum(p.numel() for p in come.meta_model(come_cli.load_config("meta-llama/Llama-2-7b-hf", builtin=True))
-                      .model.layers[0].parameters())
+    assert small["problems"] and "--no-train-all trains the 10 merged layers instead of all 22" in out
+    hint = out.split("--no-train-all trains the 10 merged layers instead of all 22 (")[1].split(" GiB GPU, ")[1] \
+        .split(" GiB host")[0]
+    merged = cli(*common[:-4], "--host-gib", 32, "--post-train", "best", "--no-train-all")
+    assert not merged["problems"] and f"{merged['memory']['post_train']['host_gib']:.1f}" == hint
 
 
 def test_hidden_state_cache_on_disk_is_bit_identical_and_leaves_no_file(tmp_path):
