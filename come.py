@@ -39,12 +39,14 @@ Paper map
     memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; come_cli.plan_memory; HiddenStates
     --resume (plan written after every merge step)   -> come_prune(resume=, on_step=); come_runtime.write_plan
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
-    sp --train-memory checkpoint|offload (FSDP2)     -> distill_step; come_runtime.offload_layers
+    sp --train-memory checkpoint|offload (FSDP2)     -> distill_step; come_runtime.offload_layers;
+                                                        part of the layers on the host: TrainConfig.offload_count
     --post-train best (a recipe that recovers)       -> TRAIN_RECIPES["best"], train_layers(targets "output")
     --offload-layers (device_map, weights off GPU)   -> come_runtime.load_model, materialized; spare_layer, apply_merge
     post-training of dropped models (§14)            -> drop_from_tree (the layer before a cut takes the block's span)
     BI only from the last merge on, on the device    -> come_prune (bi[:stale_from]), block_influence(device=)
     --compare --post-train (every start, one recipe) -> come_cli.py: compare, post_trained_row
+    --train-data calib+austen (texts mixed)          -> come_cli.training_source, come_eval.mixed_windows, austen_rows
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
