@@ -10,13 +10,14 @@ pages, and reflows each paragraph onto one line (paragraphs separated by a blank
     pip install rdata && python data/make_austen.py               # runs `apt-get download r-cran-janeaustenr`
     python data/make_austen.py --deb r-cran-janeaustenr_1.0.0-1_all.deb
 """
-import argparse
 import gzip
 import re
 import subprocess
 import tempfile
 import zlib
 from pathlib import Path
+
+from debian_text import build_text_file
 
 DATA = "usr/lib/R/site-library/janeaustenr/data"
 NOVELS = {"prideprejudice": "PRIDE AND PREJUDICE", "emma": "EMMA"}
@@ -58,23 +59,16 @@ def paragraphs(name: str, lines: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--deb", type=Path, help="r-cran-janeaustenr .deb (default: apt-get download it)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("austen.txt"))
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = args.deb
-        if deb is None:
-            subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, check=True)
-            deb = next(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
-        novels = read_novels(deb)
+def both_novels(deb: Path) -> str:
+    novels = read_novels(deb)
     lines = [p for name in NOVELS for p in paragraphs(name, novels[name])]
     chapters = sum(1 for p in lines if re.match(r"(PRIDE AND PREJUDICE|EMMA) .*CHAPTER ", p))
     assert chapters == 61 + 55, f"expected 61 + 55 chapters, found {chapters}"
-    text = "\n\n".join(lines) + "\n"
-    args.out.write_text(text, encoding="utf-8")
-    print(f"{args.out}: {chapters} chapters, {len(text):,} characters, {len(text.split()):,} words")
+    return "\n\n".join(lines) + "\n"
+
+
+def main() -> None:
+    build_text_file(__doc__, "r-cran-janeaustenr", "austen.txt", both_novels)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ reflows each paragraph onto one line (paragraphs separated by a blank line):
     pip install rdata && python data/make_moby_dick.py            # runs `apt-get download r-cran-tokenizers`
     python data/make_moby_dick.py --deb r-cran-tokenizers_0.3.0-1_amd64.deb
 """
-import argparse
 import re
 import struct
 import subprocess
 import tempfile
 import zlib
 from pathlib import Path
+
+from debian_text import build_text_file
 
 RDB = "usr/lib/R/site-library/tokenizers/data/Rdata.rdb"
 
@@ -41,18 +42,7 @@ def chapters_only(text: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--deb", type=Path, help="r-cran-tokenizers .deb (default: apt-get download it)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("moby_dick.txt"))
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = args.deb
-        if deb is None:
-            subprocess.run(["apt-get", "download", "r-cran-tokenizers"], cwd=tmp, check=True)
-            deb = next(Path(tmp).glob("r-cran-tokenizers_*.deb"))
-        text = chapters_only(read_mobydick(deb))
-    args.out.write_text(text, encoding="utf-8")
-    print(f"{args.out}: {len(text):,} characters, {len(text.split()):,} words")
+    build_text_file(__doc__, "r-cran-tokenizers", "moby_dick.txt", lambda deb: chapters_only(read_mobydick(deb)))
 
 
 if __name__ == "__main__":
