@@ -236,9 +236,6 @@ def validate(args, ap) -> None:
             ap.error("--distill-targets output applies to sp: mp trains each merged layer on its own boundary")
     if "austen" in (args.eval_ppl or []) or args.calib == "austen":
         ap.error("'austen' is a training text only (--train-data austen or a mix such as wiki-offline+austen)")
-    if args.train_data and ("" in args.train_data.split("+") or
-                            len(set(args.train_data.split("+"))) != len(args.train_data.split("+"))):
-        ap.error(f"--train-data {args.train_data}: a mix names each text once, joined by '+'")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
         ap.error("torchrun runs several processes only for --post-train mp")
     if args.device.startswith("cuda") and not torch.cuda.is_available() and not (args.dry_run and args.gpu_gib):
@@ -531,8 +528,9 @@ def post_training(job: Job, model) -> None:
 def training_source(train_data: str, calib: str) -> str:
     """--train-data with "calib" read as the calibration source: one text, or [OURS] a '+' mix of distinct texts."""
     parts = [calib if part == "calib" else part for part in train_data.split("+")]
-    if len(set(parts)) != len(parts):
-        raise ComeError(f"--train-data {train_data} names {calib} twice (calib is the calibration source {calib})")
+    if "" in parts or len(set(parts)) != len(parts):
+        raise ComeError(f"--train-data {train_data}: a mix names each text once, joined by '+'; a text named twice "
+                        f"or an empty name (calib is the calibration source, {calib})")
     return "+".join(parts)
 
 

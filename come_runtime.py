@@ -484,13 +484,13 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
     that still does not fit carries `hints`, what would make it fit."""
     save_dtype = getattr(torch, tc.save_dtype) if tc and tc.save_dtype else None
     chosen, layers = tc, offload or 0
+    trained = (target if tc.train_all else config.num_hidden_layers - target) if tc else 0
+    # [OURS] auto: every trained layer's state on the host when that fits; when the host is too small for all of
+    # them, the most layers' state that the host holds (the rest train on the GPU, which keeps the most room)
+    tries = [("plain", None), ("checkpoint", None), ("offload", None)] + \
+        [("offload", k) for k in range(trained - 1, 0, -1)] if tc and tc.mode == "sp" and tc.memory == "auto" \
+        else [(None, None)]
     while True:
-        auto = tc and tc.mode == "sp" and tc.memory == "auto"
-        trained = (target if tc.train_all else config.num_hidden_layers - target) if tc else 0
-        # [OURS] auto: every trained layer's state on the host when that fits; when the host is too small for all of
-        # them, the most layers' state that the host holds (the rest train on the GPU, which keeps the most room)
-        tries = [("plain", None), ("checkpoint", None), ("offload", None)] + \
-            [("offload", k) for k in range(trained - 1, 0, -1)] if auto else [(None, None)]
         for memory, count in tries:
             chosen = dataclasses.replace(tc, memory=memory, offload_count=count) if memory else tc
             plan = memory_plan(config, dtype, device, windows, seqlen, target, cfg, chosen, budget, placement, mapped,
