@@ -304,8 +304,13 @@ class Job:
     facts: dict = dataclasses.field(default_factory=dict)        # fingerprint, parameter counts, times, peaks
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def gpu_phase(self, name: str) -> None:
-        """Record the GPU's peak reserved and allocated memory since the previous phase (CUDA runs only)."""
+    def phase(self, name: str) -> None:
+        """[OURS] End a phase: record its own peak host RSS (where the system can restart the peak: Linux) and, on
+        CUDA, the GPU's peak reserved and allocated memory since the previous phase; then restart both."""
+        host = rt.host_peak_since_reset()
+        if host is not None:
+            self.facts.setdefault("host_peaks", {})[name] = round(host, 3)
+        rt.reset_host_peak()
         peaks = rt.gpu_peaks(self.args.device)
         if peaks:
             self.facts.setdefault("gpu_peaks", {})[name] = peaks
@@ -450,6 +455,7 @@ def dry_run(job: Job) -> dict:
 
 def load(job: Job):
     """Weights, evaluation tokens, and the dense model's evaluation (cached across runs)."""
+    rt.reset_host_peak()            # each phase's own host peak starts here (Job.phase)
     model = rt.load_model(resolve_model(job.args.model), job.args.device, job.dtype, job.memory["offload_layers"])
     log(f"model: {job.args.model} ({job.config.model_type}, {job.config.num_hidden_layers} layers, "
         f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
@@ -464,7 +470,7 @@ def load(job: Job):
             job.results["dense"] = ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, "dense")
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(job.results["dense"], indent=1))
-    job.gpu_phase("load")
+    job.phase("load")
     return model
 
 
@@ -497,9 +503,9 @@ def prune(job: Job, model) -> None:
             for step in job.merge["steps"]:
                 replay_step(model, step, job.cfg.fold_norms, job.merge.get("tensors"))
     job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=rt.peak_rss_gib())
-    job.gpu_phase("prune")
+    job.phase("prune")
     job.results["pruned"] = _evaluate(job, model, "pruned")
-    job.gpu_phase("evaluate")
+    job.phase("evaluate")
 
 
 def post_training(job: Job, model) -> None:
@@ -513,7 +519,7 @@ def post_training(job: Job, model) -> None:
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
                                                job.world), "peak_rss_gib": round(rt.peak_rss_gib(), 3)}
     del teacher
-    job.gpu_phase("post_train")
+    job.phase("post_train")
     if job.world > 1:
         torch.distributed.destroy_process_group()
     if job.rank != 0:
@@ -522,7 +528,7 @@ def post_training(job: Job, model) -> None:
         log(f"post-train {args.post_train}: layer {r['layer']} (original {r['original_span']}) lr {r['lr']:.2e} "
             f"loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
     job.results["post_trained"] = _evaluate(job, model, "post-trained")
-    job.gpu_phase("evaluate post-trained")
+    job.phase("evaluate post-trained")
 
 
 def training_source(train_data: str, calib: str) -> str:
@@ -642,6 +648,8 @@ def save_and_report(job: Job, model) -> dict:
                "total_seconds": round(time.perf_counter() - job.t_start, 2)}
     if post:
         summary.update(post_train=args.post_train, post_train_seconds=post["seconds"])
+    if job.facts.get("host_peaks"):     # per phase, this process's own peak RSS (Linux)
+        summary["host_peaks_gib"] = job.facts["host_peaks"]
     if job.facts.get("gpu_peaks"):      # per phase, peak reserved and allocated memory of this run's device
         summary["gpu_peaks"] = job.facts["gpu_peaks"]
     ver = rt.versions()

@@ -618,6 +618,16 @@ def print_report(job, summary: dict) -> None:
     if job.post:
         parts.append(f"post-training {job.post['seconds']:.1f}s (peak RSS {job.post['peak_rss_gib']:.2f} GiB)")
     print(", ".join(parts + [f"saved to {job.save}"]))
+    if summary.get("host_peaks_gib") and job.memory:
+        plan = job.memory["memory"]
+        print("peak host GiB per phase, measured (planned): " + ", ".join(
+            f"{name} {gib:.2f}" + (f" ({plan[PLAN_PHASE[name]]['host_gib']:.2f})" if PLAN_PHASE.get(name) in plan else "")
+            for name, gib in summary["host_peaks_gib"].items()))
+
+
+# the memory plan's phase that bounds each measured phase (loading includes the dense evaluation)
+PLAN_PHASE = {"load": "evaluate", "prune": "prune", "evaluate": "evaluate", "post_train": "post_train",
+              "evaluate post-trained": "evaluate"}
 
 
 # ============================================================================ --compare report

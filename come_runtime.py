@@ -269,6 +269,7 @@ def versions() -> dict:
 
 
 _PEAK_BEFORE_RESET = [0.0]      # the process's peak RSS before the last reset_host_peak (GiB)
+_HOST_PEAK_OWN = [False]        # whether the last reset_host_peak restarted the kernel's peak
 
 
 def _hwm_gib() -> float:
@@ -290,9 +291,15 @@ def reset_host_peak() -> bool:
     _PEAK_BEFORE_RESET[0] = peak_rss_gib()
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return True
+        _HOST_PEAK_OWN[0] = True
     except OSError:
-        return False
+        _HOST_PEAK_OWN[0] = False
+    return _HOST_PEAK_OWN[0]
+
+
+def host_peak_since_reset() -> float | None:
+    """[OURS] Peak RSS (GiB) since the last reset_host_peak; None where the system could not restart it."""
+    return _hwm_gib() if _HOST_PEAK_OWN[0] else None
 
 
 @contextlib.contextmanager

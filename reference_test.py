@@ -2050,6 +2050,30 @@ def test_each_compare_row_gets_its_own_host_and_gpu_peak(monkeypatch):
     assert [c for c in fake.calls if c[0] == "reset_peak_memory_stats"] == [("reset_peak_memory_stats", 1)] * 2
 
 
+def test_each_phase_of_a_run_records_its_own_host_peak(tiny_folder, calib_txt, tmp_path, monkeypatch, capsys):
+    """results.json summary.host_peaks_gib: a 512 MiB block touched while pruning shows in the prune phase only,
+    and the printed line sets each phase beside the plan's."""
+    if not come_runtime.reset_host_peak():
+        pytest.skip("this system cannot restart the kernel's peak RSS (Linux only)")
+    real = come.PRUNERS["shortgpt"]
+
+    def heavy(*args, **kwargs):
+        block = torch.ones(2**27)                       # 512 MiB, touched, freed before the pruned evaluation
+        del block
+        return real(*args, **kwargs)
+    monkeypatch.setitem(come.PRUNERS, "shortgpt", heavy)
+    out = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
+              "--method", "shortgpt", "--eval-ppl", calib_txt, "--save", tmp_path / "o")
+    summary = out["results"]["summary"]
+    peaks = summary["host_peaks_gib"]
+    assert list(peaks) == ["load", "prune", "evaluate"]
+    assert all(0 < gib <= summary["peak_rss_gib"] + 5e-4 for gib in peaks.values())
+    assert peaks["prune"] - max(peaks["load"], peaks["evaluate"]) >= 0.5 * 0.9       # the block, in its phase
+    planned = out["memory_plan"]["memory"]
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("peak host GiB per phase"))
+    assert f"prune {peaks['prune']:.2f} ({planned['prune']['host_gib']:.2f})" in line
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", None])
 def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny_folder, calib_txt, tmp_path,
                                                                     monkeypatch):
@@ -2066,7 +2090,7 @@ def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny
     assert job.args.device == "cuda:0" and job.dtype == torch.bfloat16
     assert ("set_device", 0) in cuda.calls and ("mem_get_info", 0) in cuda.calls
     assert job.memory["budget_gib"]["gpu"] == 40.0 and job.memory["cache"] == "gpu"
-    job.gpu_phase("prune")          # peak memory of the run's device, then reset
+    job.phase("prune")              # peak memory of the run's device, then reset
     assert job.facts["gpu_peaks"]["prune"] == {"reserved_gib": 0.0, "allocated_gib": 0.0}
     assert {name for name, _ in cuda.calls} >= {"max_memory_reserved", "max_memory_allocated",
                                                  "reset_peak_memory_stats"}
