@@ -310,6 +310,7 @@ class Job:
         host = rt.host_peak_since_reset()
         if host is not None:
             self.facts.setdefault("host_peaks", {})[name] = round(host, 3)
+        rt.trim_host_heap()         # what this phase freed goes back to the system before the next one begins
         rt.reset_host_peak()
         peaks = rt.gpu_peaks(self.args.device)
         if peaks:
@@ -558,6 +559,7 @@ def post_trained_row(job: Job, base, plan: dict, pruned_row: dict, train_ids: to
         student = copy.deepcopy(base)
         merge = apply_plan(student, plan, pruned_row["layers"])
         post = post_train(student, base, merge["tree"], train_ids, job.tc)
+        rt.trim_host_heap()     # the evaluation does not stack on what training freed
         res = ev.evaluate(student, job.tokenizer, job.settings, job.ppl_ids, f"{label} s={pruned_row['sparsity']}")
     return {**{k: pruned_row[k] for k in ("sparsity", "layers", "plan", "prune_seconds", "achieved_sparsity")},
             "method": label, "train_seconds": post["seconds"], **peaks,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -297,6 +300,15 @@ def reset_host_peak() -> bool:
     return _HOST_PEAK_OWN[0]
 
 
+def trim_host_heap() -> None:
+    """[OURS] Hand the memory the C allocator kept after freeing back to the system (glibc's malloc_trim), so that
+    the next phase does not stack on it: after post-training (teacher, AdamW state, activations freed) the
+    evaluation peaked 1.1 GiB higher without it on SmolLM2. Nothing where the C library has no malloc_trim."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
 def host_peak_since_reset() -> float | None:
     """[OURS] Peak RSS (GiB) since the last reset_host_peak; None where the system could not restart it."""
     return _hwm_gib() if _HOST_PEAK_OWN[0] else None
@@ -307,6 +319,7 @@ def row_peaks(device: str, into: dict):
     """[OURS] Peak host RSS and GPU memory of one block of work (a --compare row), written into `into`:
     peak_host_gib (since the block began where the system can reset it, else the process's running peak, and
     host_peak_scope says which) and, on CUDA, peak_gpu_reserved_gib / peak_gpu_allocated_gib."""
+    trim_host_heap()
     own = reset_host_peak()
     gpu_peaks(device)       # resets the GPU's peak counters (and releases the allocator's cache)
     yield
