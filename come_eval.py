@@ -617,12 +617,12 @@ def print_report(job, summary: dict) -> None:
     parts += [f"pruning {summary['prune_seconds']:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
     if job.post:
         parts.append(f"post-training {job.post['seconds']:.1f}s (peak RSS {job.post['peak_rss_gib']:.2f} GiB)")
-    print(", ".join(parts + [f"saved to {job.save}"]))
     if summary.get("host_peaks_gib") and job.memory:
         plan = job.memory["memory"]
         print("peak host GiB per phase, measured (planned): " + ", ".join(
             f"{name} {gib:.2f}" + (f" ({plan[PLAN_PHASE[name]]['host_gib']:.2f})" if PLAN_PHASE.get(name) in plan else "")
             for name, gib in summary["host_peaks_gib"].items()))
+    print(", ".join(parts + [f"saved to {job.save}"]))      # the one-line summary, last
 
 
 # the memory plan's phase that bounds each measured phase (loading includes the dense evaluation)
