@@ -307,12 +307,9 @@ class Job:
     def phase(self, name: str) -> None:
         """[OURS] End a phase: record its own peak host RSS (where the system can restart the peak: Linux) and, on
         CUDA, the GPU's peak reserved and allocated memory since the previous phase; then restart both."""
-        host = rt.host_peak_since_reset()
+        host, peaks = rt.restart_peaks(self.args.device)     # and what this phase freed goes back to the system
         if host is not None:
             self.facts.setdefault("host_peaks", {})[name] = round(host, 3)
-        rt.trim_host_heap()         # what this phase freed goes back to the system before the next one begins
-        rt.reset_host_peak()
-        peaks = rt.gpu_peaks(self.args.device)
         if peaks:
             self.facts.setdefault("gpu_peaks", {})[name] = peaks
 

@@ -602,6 +602,11 @@ def describe_step(step: dict) -> str:
         (f"ratios {[round(r, 3) for r in step['ratios']]}" if "ratios" in step else "by RDSC")
 
 
+# the memory plan's phase that bounds each measured phase (loading includes the dense evaluation)
+PLAN_PHASE = {"load": "evaluate", "prune": "prune", "evaluate": "evaluate", "post_train": "post_train",
+              "evaluate post-trained": "evaluate"}
+
+
 def print_report(job, summary: dict) -> None:
     """The end of a run: every merge step, the dense / pruned (/ post-trained) table and a one-line summary."""
     dense, pruned, trained = (job.results.get(k) for k in ("dense", "pruned", "post_trained"))
@@ -624,10 +629,6 @@ def print_report(job, summary: dict) -> None:
             for name, gib in summary["host_peaks_gib"].items()))
     print(", ".join(parts + [f"saved to {job.save}"]))      # the one-line summary, last
 
-
-# the memory plan's phase that bounds each measured phase (loading includes the dense evaluation)
-PLAN_PHASE = {"load": "evaluate", "prune": "prune", "evaluate": "evaluate", "post_train": "post_train",
-              "evaluate post-trained": "evaluate"}
 
 
 # ============================================================================ --compare report

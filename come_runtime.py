@@ -309,9 +309,14 @@ def trim_host_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
-def host_peak_since_reset() -> float | None:
-    """[OURS] Peak RSS (GiB) since the last reset_host_peak; None where the system could not restart it."""
-    return _hwm_gib() if _HOST_PEAK_OWN[0] else None
+def restart_peaks(device: str) -> tuple[float | None, dict[str, float] | None]:
+    """[OURS] End a block of work (a phase, a --compare row): its peak host RSS since the last restart (None where
+    the system cannot restart it) and, on CUDA, its GPU peaks; then hand freed heap memory back and restart both."""
+    host = _hwm_gib() if _HOST_PEAK_OWN[0] else None
+    gpu = gpu_peaks(device)     # read, then reset (and release the allocator's cache)
+    trim_host_heap()
+    reset_host_peak()
+    return host, gpu
 
 
 @contextlib.contextmanager
@@ -319,13 +324,11 @@ def row_peaks(device: str, into: dict):
     """[OURS] Peak host RSS and GPU memory of one block of work (a --compare row), written into `into`:
     peak_host_gib (since the block began where the system can reset it, else the process's running peak, and
     host_peak_scope says which) and, on CUDA, peak_gpu_reserved_gib / peak_gpu_allocated_gib."""
-    trim_host_heap()
-    own = reset_host_peak()
-    gpu_peaks(device)       # resets the GPU's peak counters (and releases the allocator's cache)
+    restart_peaks(device)
     yield
-    into.update(peak_host_gib=round(_hwm_gib() if own else peak_rss_gib(), 3),
-                host_peak_scope="row" if own else "process so far")
-    peaks = gpu_peaks(device)
+    own, peaks = restart_peaks(device)
+    into.update(peak_host_gib=round(own if own is not None else peak_rss_gib(), 3),
+                host_peak_scope="row" if own is not None else "process so far")
     if peaks:
         into.update(peak_gpu_reserved_gib=peaks["reserved_gib"], peak_gpu_allocated_gib=peaks["allocated_gib"])
 
