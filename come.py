@@ -15,7 +15,8 @@ Paper map
     which layers merge                               -> select_window
     merge ratio F_merge (p, rho) and budgets         -> merge_ratios, channel_budgets
     concatenation merge (fig. 1 step 2)              -> concat_merge, apply_merge
-    Algorithm 1 (progressive CoMe)                   -> come_prune(method="come")
+    Algorithm 1 (progressive CoMe)                   -> come_prune(method="come"): start_merging (step 1), measure
+                                                        (step 3), window_scores (step 4), merge_step (the record)
     Algorithm 2 (progressive posterior CoMe-P)       -> come_prune(method="come-p") -> posterior_ratio, candidate_nll
     sparsity -> layers removed                       -> layers_to_remove
     post-training, hierarchical distillation (fig. 1 step 3; §9; the authors released no code for it)
@@ -28,23 +29,24 @@ Paper map
                                                         come_cli.py: main -> run (one call a phase); compare
   [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
     --fold-norms (norm weights folded into rows)     -> concat_merge(fold_norms=True)
-    --skip-score merge (window by its merge's NLL)   -> merge_scores -> candidate_nll
+    --skip-score sleb|merge (window by an NLL)       -> window_scores -> skip_nll / merge_scores -> candidate_nll
     --score-windows (NLL choices on fewer windows)   -> HiddenStates.nll_from
-    --repair lstsq|scale, --repair-o                 -> refit_projection (recomputed in fp32: float32_layer);
+    --repair lstsq|scale, --repair-o                 -> repair_merge -> refit_projection (in fp32: float32_layer);
                                                         --repair-alpha auto: leave-one-window-out
-    --repair after drops (shortgpt, sleb, reverse)   -> drop_repaired, drop_blocks_repaired
+    --repair after drops (shortgpt, sleb, reverse)   -> drop_layers(cfg=), drop_blocks_repaired
     --method come+ (the best combination of these)   -> come_plus; its token rule: token_rule,
                                                         come_eval.calibration_with_floor
     --tasks offline, moby_cloze, --eval-ppl moby-dick -> come_eval.py: offline_suite_items, book_cloze_items
     memory plan, --dry-run, cache placement          -> come_runtime.py: memory_plan; come_cli.plan_memory; HiddenStates
-    --resume (plan written after every merge step)   -> come_prune(resume=, on_step=); come_runtime.write_plan
+    --resume (plan written after every merge step)   -> start_merging(resume=), come_prune(on_step=);
+                                                        come_runtime.write_plan
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
     sp --train-memory checkpoint|offload (FSDP2)     -> distill_step; come_runtime.offload_layers;
                                                         part of the layers on the host: TrainConfig.offload_count
-    --post-train best (a recipe that recovers)       -> TRAIN_RECIPES["best"], train_layers(targets "output")
+    --post-train best (a recipe that recovers)       -> TrainConfig.from_recipe("best"), train_layers(targets "output")
     --offload-layers (device_map, weights off GPU)   -> come_runtime.load_model, materialized; spare_layer, apply_merge
     post-training of dropped models (§14)            -> drop_from_tree (the layer before a cut takes the block's span)
-    BI only from the last merge on, on the device    -> come_prune (bi[:stale_from]), block_influence(device=)
+    BI only from the last merge on, on the device    -> measure (MergeRun.stale_from), block_influence(device=)
     --compare --post-train (every start, one recipe) -> come_cli.py: compare, post_trained_row
     --train-data calib+austen (texts mixed)          -> come_cli.training_source, come_eval.mixed_windows, austen_rows
 
@@ -80,7 +82,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 
-# ============================================================================ errors, logging, devices
+# ============================================================================ errors and logging
 class ComeError(Exception):
     """A user-facing error: the message says what went wrong and what to do."""
 
@@ -88,61 +90,6 @@ class ComeError(Exception):
 def log(msg: str) -> None:
     if os.environ.get("RANK", "0") == "0":      # under torchrun only rank 0 talks
         print(msg, file=sys.stderr, flush=True)
-
-
-def progress_bar(iterable, desc: str, total: int | None = None):
-    """tqdm progress bar when tqdm is installed (quiet on torchrun ranks other than 0); plain iteration otherwise."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    quiet = None if os.environ.get("RANK", "0") == "0" else True
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=quiet, dynamic_ncols=True)
-
-
-def device_of(module: nn.Module) -> torch.device:
-    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
-    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    return torch.device(dev) if dev is not None else next(module.parameters()).device
-
-
-def offloaded(module: nn.Module) -> bool:
-    """Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
-    return any(p.device.type == "meta" for p in module.parameters())
-
-
-@contextlib.contextmanager
-def materialized(module: nn.Module):
-    """The module with every offloaded weight on its execution device for the duration, loaded once.
-
-    accelerate's hooks copy an offloaded module's weights in before every forward and drop them after; inside this
-    context they stay, so a loop over windows pays one copy per layer instead of one per window.
-    """
-    hooked = []
-    if offloaded(module):
-        from accelerate.utils import has_offloaded_params
-        hooked = [m for m in module.modules() if has_offloaded_params(m)]
-    try:
-        for m in hooked:
-            m._hf_hook.pre_forward(m)
-            m._hf_hook.offload = False      # later forwards find the weights in place
-        yield module
-    finally:
-        for m in hooked:
-            m._hf_hook.offload = True
-            m._hf_hook.post_forward(m, None)
-
-
-def _beside(module: str, purpose: str):
-    """A module of this repository that an opt-in path needs next to come.py (the method itself needs none)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        raise ComeError(f"{purpose} needs {module}.py next to come.py: copy it from the CoMe repository too "
-                        "(the methods themselves need only come.py, torch and transformers)") from None
-
 
 
 # ============================================================================ config
@@ -254,21 +201,23 @@ def _move(obj, device, dtype: torch.dtype | None = None):
 class ChannelActivity:
     """Running fp32 sums of |input| of one layer's mlp.down_proj and self_attn.o_proj (§3).
 
-    Hooks return None: a forward pre-hook that returns a value would replace the module's input.
+    The sums are made on the device the first input arrives on (the layer's compute device, wherever its weights
+    are kept). Hooks return None: a forward pre-hook that returns a value would replace the module's input.
     """
 
     def __init__(self, layer: nn.Module):
-        self.layer, dev = layer, device_of(layer)
-        self.ffn = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float32, device=dev)
-        self.attn = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float32, device=dev)
+        self.layer, self.ffn, self.attn = layer, None, None
         self.tokens, self.calls, self._handles = 0, [0, 0], []
 
     def _hook(self, which: int):
         def hook(module, args) -> None:
             x = args[0]
-            (self.ffn, self.attn)[which].add_(torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)),
-                                                        dtype=torch.float32))
-            self.tokens += x.numel() // x.shape[-1] if which == 0 else 0
+            total = torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
+            if which == 0:
+                self.ffn = total if self.ffn is None else self.ffn.add_(total)
+                self.tokens += x.numel() // x.shape[-1]
+            else:
+                self.attn = total if self.attn is None else self.attn.add_(total)
             self.calls[which] += 1
         return hook
 
@@ -374,8 +323,8 @@ class HiddenStates:
         self.model, self.ids, self.spill = model, ids, str(placement) == "disk"
         self.score_windows = score_windows
         self.device = device_of(model.get_input_embeddings())     # where the windows compute
-        on_gpu = self.device.type == "cuda"
-        self.pin = on_gpu and torch.device("cpu" if self.spill else placement).type == "cpu" and not self.spill
+        # a host-memory cache of a model on a GPU is pinned (a disk cache is a memory-mapped file instead)
+        self.pin = not self.spill and self.device.type == "cuda" and torch.device(placement).type == "cpu"
         n_layers, hidden, dtype = len(decoder_layers(model)), model.config.hidden_size, next(model.parameters()).dtype
         if self.spill:      # refuse before the first pass rather than die of SIGBUS when the disk fills up
             rt = _beside("come_runtime", "a hidden-state cache on disk")
@@ -403,9 +352,15 @@ class HiddenStates:
                 n = self.states[l].shape[0]
                 assert act.calls == [n, n], f"layer {l}: hooks fired {act.calls} times for {n} windows"
                 activity.append(act)
-        if self.pin:
-            torch.cuda.synchronize(self.device)    # copies into pinned memory are asynchronous; the CPU reads next
+                self.wait_for_copies(layers[l], layers[l + 1] if l + 1 < len(layers) else None)
         return activity
+
+    def wait_for_copies(self, layer: nn.Module, following: nn.Module | None) -> None:
+        """A pinned cache is written by asynchronous copies from the GPU that ran `layer`: before the host (`following`
+        None) or a layer on another GPU reads them, wait for that GPU (by its index, never the current device)."""
+        dev = device_of(layer)
+        if self.pin and dev.type == "cuda" and (following is None or device_of(following) != dev):
+            torch.cuda.synchronize(dev)
 
     def after_merge(self, start: int, n: int) -> None:
         """Layers start..start+n-1 became one layer: boundaries inside the window disappear."""
@@ -428,12 +383,11 @@ class HiddenStates:
                     yield i, h
                 return
             scratch = self.buffer(self.states[start][:n]).copy_(self.states[start][:n])
-            for index, layer in layers:
+            for k, (index, layer) in enumerate(layers):
                 with materialized(layer):
                     for i in range(n):
                         scratch[i:i + 1].copy_(self.run_layer(layer, index, scratch[i:i + 1]), non_blocking=True)
-            if self.pin:
-                torch.cuda.synchronize(self.device)
+                self.wait_for_copies(layer, layers[k + 1][1] if k + 1 < len(layers) else None)
             for i in range(n):
                 yield i, scratch[i:i + 1]
 
@@ -637,7 +591,7 @@ def spare_layer(model, index: int) -> nn.Module:
     return spare.to_empty(device=device_of(layer)).to(next(layer.parameters()).dtype).eval()
 
 
-# ============================================================================ Algorithm 1 (and 2)
+# ============================================================================ Algorithm 1
 def join_window(tree: list[list[int]], start: int, span: int) -> None:
     tree[start:start + span] = [sum(tree[start:start + span], [])]
 
@@ -660,23 +614,38 @@ def layers_to_remove(model, sparsity: float) -> int:
     return min(max(round(sparsity * total / per_layer), 1), len(layers) - 1)
 
 
-def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConfig,
-               cache_device: str | torch.device = "cpu", on_depth=None, stops=(), resume: dict | None = None,
-               on_step=None) -> dict:
-    """Algorithm 1 (progressive CoMe), and with cfg.method == "come-p" Algorithm 2 (progressive posterior CoMe-P).
+@dataclasses.dataclass
+class MergeRun:
+    """What Algorithm 1 carries from one merge step to the next."""
+    model: nn.Module
+    cache: HiddenStates                  # hidden states at every layer boundary of the current model (§7)
+    tree: list[list[int]]                # the original layers behind each current layer
+    steps: list[dict]                    # the merge record, one entry a step
+    tensors: dict[str, torch.Tensor]     # [OURS] refit weights (--repair), by name
+    activity: list                       # ChannelActivity of each current layer (None until measured)
+    bi: list[float]                      # Block Influence of each current layer
+    stale_from: int = 0                  # the first layer changed since its statistics were taken
+    dense: list | None = None            # [OURS] --repair-target dense: the original model's boundary states
 
-    Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record
-    (steps with kept indices, final tree; refit tensors under "tensors" with --repair) that `apply_plan` replays
-    without calibration. [OURS] options: cfg.skip_score "merge" (merge_scores), cfg.repair (refit_projection);
-    `resume` (the record of an interrupted run: its steps are replayed first) and `on_step(record)` after each step.
-    """
-    shape, t_start = attn_shape(model.config), time.perf_counter()
-    if cfg.method == "come-p" and cfg.span != 2:
-        raise ComeError("CoMe-P (Algorithm 2) searches a ratio [r, 1-r] between two layers: it needs span 2")
-    cfg = token_rule(cfg, calib_ids, model)      # [OURS] --repair lstsq with too few tokens: a stronger ridge
-    tree = [[i] for i in range(len(decoder_layers(model)))]     # Alg.1 step 1: original layers behind each layer
-    steps, stale_from, tensors, dense, bi = [], 0, {}, None, []
-    if resume:      # [OURS] --resume: the finished steps, replayed without calibration (bit-identical)
+    def record(self) -> dict:
+        """The merge record that apply_plan replays: steps, final tree, refit tensors."""
+        return {"steps": self.steps, "tree": self.tree, **({"tensors": self.tensors} if self.tensors else {})}
+
+
+@dataclasses.dataclass
+class WindowScores:
+    """Alg.1 step 4's score of every window start (lower: the model misses the window less)."""
+    kind: str                            # "sbi" (§4.3) or [OURS] "skip_nll" (a calibration NLL)
+    scores: list[float]
+    ratios: list | None = None           # [OURS] --skip-score merge: the ratio of each window's best candidate merge
+    tried: list | None = None            # [OURS] --skip-score merge: every candidate's [ratio, NLL]
+
+
+def start_merging(model, calib_ids: torch.Tensor, cfg: ComeConfig, cache_device, resume: dict | None) -> MergeRun:
+    """Alg.1 step 1: every layer stands for itself. [OURS] --resume: an interrupted run's steps are replayed first,
+    without calibration (bit-identical)."""
+    tree, steps, tensors = [[i] for i in range(len(decoder_layers(model)))], [], {}
+    if resume:
         if cfg.repair_target == "dense" and resume["steps"]:
             raise ComeError("--resume cannot rebuild the original model's states for --repair-target dense")
         for step in resume["steps"]:
@@ -685,70 +654,93 @@ def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConf
     # [OURS] --repair-target dense keeps a second copy of the boundaries (the original model's), counted up front
     copies = 2 if cfg.repair != "none" and cfg.repair_target == "dense" else 1
     cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows, copies)
-    activity: list[ChannelActivity | None] = [None] * len(tree)
-    while len(tree) > target_layers:                            # Alg.1 step 2
+    return MergeRun(model, cache, tree, steps, tensors, [None] * len(tree), [])
+
+
+def measure(run: MergeRun, cfg: ComeConfig) -> None:
+    """Alg.1 step 3: channel activity and Block Influence of the CURRENT model.
+
+    Only the layers from the last merge on have changed: their boundaries are recomputed from the cache, and the BI of
+    the layers before them is kept.
+    """
+    # DEVIATION: incremental recomputation from cached hidden states; the authors rerun the full pass each step.
+    run.activity[run.stale_from:] = run.cache.refresh(run.stale_from, desc=f"step {len(run.steps) + 1} statistics")
+    if cfg.repair_target == "dense" and run.dense is None:      # [OURS] the original model's boundary states
+        run.dense = [run.cache.buffer(h).copy_(h) for h in run.cache.states]
+    run.bi = run.bi[:run.stale_from] + block_influence(run.cache.states[run.stale_from:], run.cache.device)
+
+
+def window_scores(run: MergeRun, span: int, cfg: ComeConfig) -> WindowScores:
+    """Alg.1 step 4's scores: SBI of every window (§4.3). [OURS] --skip-score sleb: the calibration NLL of the model
+    without the window; --skip-score merge: the NLL of the window's best candidate merge (merge_scores)."""
+    if cfg.skip_score == "sleb":
+        return WindowScores("skip_nll", skip_nll(run.cache, span))
+    if cfg.skip_score == "merge":
+        return WindowScores("skip_nll", *merge_scores(run.cache, run.tree, span, run.bi, run.activity, cfg))
+    return WindowScores("sbi", skip_influence(run.cache.states, span, cfg.tokens_for_sbi(), run.cache.device))
+
+
+def come_prune(model, calib_ids: torch.Tensor, target_layers: int, cfg: ComeConfig,
+               cache_device: str | torch.device = "cpu", on_depth=None, stops=(), resume: dict | None = None,
+               on_step=None) -> dict:
+    """Algorithm 1 (progressive CoMe), and with cfg.method "come-p" Algorithm 2 (progressive posterior CoMe-P), which
+    differs at one step: the merge ratio is the grid ratio with the lowest calibration NLL (posterior_ratio).
+
+    Merges adjacent layers in place until the model has `target_layers` layers; returns the merge record (steps with
+    kept indices, final tree; refit tensors under "tensors" with --repair) that `apply_plan` replays without
+    calibration. [OURS] options enter at named points only: window_scores (--skip-score), repair_merge (--repair),
+    start_merging (`resume`: the record of an interrupted run), and `on_step(record)` after each step.
+    """
+    if cfg.method == "come-p" and cfg.span != 2:
+        raise ComeError("CoMe-P (Algorithm 2) searches a ratio [r, 1-r] between two layers: it needs span 2")
+    shape, t_start = attn_shape(model.config), time.perf_counter()
+    cfg = token_rule(cfg, calib_ids, model)      # [OURS] come+: a stronger ridge when calibration tokens are few
+    run = start_merging(model, calib_ids, cfg, cache_device, resume)   # Alg.1 step 1
+    while len(run.tree) > target_layers:                               # Alg.1 step 2
         t0 = time.perf_counter()
-        layers = decoder_layers(model)
-        # Alg.1 step 3: statistics on the CURRENT model; only layers from the last merge on have changed
-        # DEVIATION: incremental recomputation from cached hidden states; the authors rerun the full pass each step.
-        activity[stale_from:] = cache.refresh(stale_from, desc=f"step {len(steps) + 1} statistics")
-        if cfg.repair_target == "dense" and dense is None:    # [OURS] the original model's boundary states
-            dense = [cache.buffer(h).copy_(h) for h in cache.states]
-        # [OURS] BI of the layers before the last merge is unchanged: only the boundaries from it on are recomputed
-        bi = bi[:stale_from] + block_influence(cache.states[stale_from:], cache.device)
-        span = next_span(len(tree), cfg.span, target_layers, stops)     # the final step may merge fewer layers
-        best_ratios = tried = None
-        if cfg.skip_score == "sleb":
-            sbi = skip_nll(cache, span)
-        elif cfg.skip_score == "merge":
-            sbi, best_ratios, tried = merge_scores(cache, tree, span, bi, activity, cfg)
-        else:
-            sbi = skip_influence(cache.states, span, cfg.tokens_for_sbi(), cache.device)
-        # Alg.1 step 4: window <- argmin SBI
-        start = select_window(sbi, tree, span, cfg.allow_remerge)
+        measure(run, cfg)                                              # Alg.1 step 3
+        span = next_span(len(run.tree), cfg.span, target_layers, stops)    # the last step may merge fewer layers
+        scores = window_scores(run, span, cfg)                         # Alg.1 step 4: window <- argmin SBI
+        start = select_window(scores.scores, run.tree, span, cfg.allow_remerge)
         window = list(range(start, start + span))
-        sources = [layer_state(layers[i]) for i in window]      # read once (offloaded weights come from the host)
-        att, ffn = window_channel_scores(sources, activity, window, shape)
+        sources = [layer_state(decoder_layers(model)[i]) for i in window]   # read once (offloaded: from the host)
+        att, ffn = window_channel_scores(sources, run.activity, window, shape)
         search = None
-        if cfg.method == "come-p":
-            # Alg.2 step 4: the ratio is the one with the lowest calibration NLL on the grid
-            ratios, search = posterior_ratio(cache, start, sources, att, ffn, shape, cfg)
-        elif best_ratios:
-            ratios = best_ratios[start]     # [OURS] the ratio of the window's best candidate merge
-        else:
-            # Alg.1 step 5: r <- F_merge(BI[window])
-            ratios = merge_ratios([bi[i] for i in window], cfg.p, cfg.rho, sum(len(tree[i]) for i in window))
-        # Alg.1 step 6: budgets and top-K channels of each source layer
-        k_groups, k_neurons, groups, neurons = select_channels(att, ffn, ratios, shape)
-        # Alg.1 step 7: concatenate into one layer of the original shape
-        apply_merge(model, start, span, concat_merge(sources, groups, neurons, ratios, shape, cfg.fold_norms))
-        cache.after_merge(start, span)
-        del activity[start:start + span - 1]
-        steps.append({
-            "op": "concat", "window": window, "spans": [tree[i] for i in window], "bi": [bi[i] for i in window],
-            "sbi": sbi[start], "bi_all": bi, "sbi_all": [s if math.isfinite(s) else None for s in sbi],
-            "remerge_forced": not cfg.allow_remerge and all(blocked_windows(tree, span)), "ratios": ratios,
-            "k_groups": k_groups, "k_neurons": k_neurons,
-            "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
-            "ratio_search": search, **({"merge_nll": tried} if tried else {})})
-        if cfg.repair != "none":    # [OURS] target: the window's old output (still cached) or the original model's
-            target = dense[tree[window[-1]][-1] + 1] if dense else cache.states[start + 1]
-            for key in ["repair_o"] * cfg.repair_o + ["repair"]:     # o_proj first (--repair-o), then down_proj
-                weight, name = REPAIRED[key], f"step{len(steps)}.{REPAIRED[key]}"
-                tensors[name], steps[-1][key] = refit_projection(cache, start, target, cfg.repair,
-                                                                 cfg.repair_alpha, weight)
-                steps[-1][key].update(tensor=name, layer=start)
-                set_weight(model, start, weight, tensors[name])
-        steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
-        # Alg.1 step 8: tree <- window entries joined
-        join_window(tree, start, span)
-        stale_from = start
-        log(f"step {len(steps)}: merged layers {window} (original {steps[-1]['spans']}) with ratios "
-            f"{[round(r, 3) for r in ratios]} -> {len(tree)} layers")
+        if cfg.method == "come-p":      # Alg.2 step 4: r <- argmin over the grid of the calibration NLL
+            ratios, search = posterior_ratio(run.cache, start, sources, att, ffn, shape, cfg)
+        elif scores.ratios:             # [OURS] --skip-score merge: the ratio of the window's best candidate merge
+            ratios = scores.ratios[start]
+        else:                           # Alg.1 step 5: r <- F_merge(BI[window])
+            ratios = merge_ratios([run.bi[i] for i in window], cfg.p, cfg.rho, sum(len(run.tree[i]) for i in window))
+        k_groups, k_neurons, groups, neurons = select_channels(att, ffn, ratios, shape)     # Alg.1 step 6
+        apply_merge(model, start, span, concat_merge(sources, groups, neurons, ratios, shape, cfg.fold_norms))  # step 7
+        run.steps.append(merge_step(run, window, scores, ratios, search, (k_groups, k_neurons, groups, neurons), cfg))
+        run.cache.after_merge(start, span)
+        del run.activity[start:start + span - 1]
+        if cfg.repair != "none":
+            repair_merge(run, start, window, cfg)
+        run.steps[-1]["seconds"] = round(time.perf_counter() - t0, 3)
+        join_window(run.tree, start, span)                             # Alg.1 step 8: tree <- window joined
+        run.stale_from = start
+        log(f"step {len(run.steps)}: merged layers {window} (original {run.steps[-1]['spans']}) with ratios "
+            f"{[round(r, 3) for r in ratios]} -> {len(run.tree)} layers")
         _notify(on_depth, model, t_start)
         if on_step:
-            on_step({"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})})
-    return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
+            on_step(run.record())
+    return run.record()
+
+
+def merge_step(run: MergeRun, window: list[int], scores: WindowScores, ratios, search, kept, cfg: ComeConfig) -> dict:
+    """The record of one merge step: enough to replay it (window, ratios, kept channels) and every score behind it."""
+    start, span = window[0], len(window)
+    k_groups, k_neurons, groups, neurons = kept
+    return {"op": "concat", "window": window, "spans": [run.tree[i] for i in window], "bi": [run.bi[i] for i in window],
+            scores.kind: scores.scores[start], "bi_all": run.bi,
+            f"{scores.kind}_all": [s if math.isfinite(s) else None for s in scores.scores],
+            "remerge_forced": not cfg.allow_remerge and all(blocked_windows(run.tree, span)), "ratios": ratios,
+            "k_groups": k_groups, "k_neurons": k_neurons,
+            "kept_groups": [g.tolist() for g in groups], "kept_neurons": [n.tolist() for n in neurons],
+            "ratio_search": search, **({"merge_nll": scores.tried} if scores.tried else {})}
 
 
 def window_channel_scores(sources, activity, window, shape: AttnShape) -> tuple[list, list]:
@@ -770,6 +762,7 @@ def select_channels(att, ffn, ratios: list[float], shape: AttnShape):
     return k_groups, k_neurons, groups, neurons
 
 
+# ============================================================================ Algorithm 2 (CoMe-P's ratio search)
 def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, torch.Tensor],
                   candidate: nn.Module) -> float:
     """Calibration NLL of the model with layers start..start+span-1 replaced by one layer of state dict `merged`.
@@ -780,15 +773,6 @@ def candidate_nll(cache: HiddenStates, start: int, span: int, merged: dict[str, 
     layers = decoder_layers(cache.model)
     candidate.load_state_dict(merged, strict=True)
     return cache.nll_from(start, [(start, candidate)] + [(i, layers[i]) for i in range(start + span, len(layers))])
-
-
-def come_plus(cfg: ComeConfig) -> ComeConfig:
-    """[OURS] --method come+: the best training-free CoMe measured on SmolLM2 (docs/results.md).
-
-    CoMe's windows and ratios, norms folded into the kept rows (--fold-norms), and each merged layer's down_proj
-    refit by ridge least squares to the window's output (--repair lstsq, alpha from --repair-alpha).
-    """
-    return dataclasses.replace(cfg, fold_norms=True, repair="lstsq", repair_floor=REPAIR_TOKEN_FLOOR)
 
 
 def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: AttnShape, cfg: ComeConfig):
@@ -805,6 +789,16 @@ def posterior_ratio(cache: HiddenStates, start: int, sources, att, ffn, shape: A
         tried.append((candidate_nll(cache, start, len(sources), merged, candidate), r))
     best = min(range(len(tried)), key=lambda i: (tried[i][0], i))
     return tried[best][1], [[r[0], nll] for nll, r in tried]
+
+
+# ============================================================================ [OURS] come+, merge scoring, repairs
+def come_plus(cfg: ComeConfig) -> ComeConfig:
+    """[OURS] --method come+: the best training-free CoMe measured on SmolLM2 (docs/results.md).
+
+    CoMe's windows and ratios, norms folded into the kept rows (--fold-norms), and each merged layer's down_proj
+    refit by ridge least squares to the window's output (--repair lstsq, alpha from --repair-alpha).
+    """
+    return dataclasses.replace(cfg, fold_norms=True, repair="lstsq", repair_floor=REPAIR_TOKEN_FLOOR)
 
 
 def merge_scores(cache: HiddenStates, tree, span: int, bi: list[float], activity, cfg: ComeConfig):
@@ -875,7 +869,22 @@ def token_rule(cfg: ComeConfig, calib_ids: torch.Tensor, model) -> ComeConfig:
 
 # [OURS] --repair-alpha auto: the ridge strengths that the leave-one-window-out cross-validation chooses from
 REPAIR_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
 REPAIRED = {"repair_o": "self_attn.o_proj.weight", "repair": "mlp.down_proj.weight"}    # plan key -> refit weight
+
+
+def repair_merge(run: MergeRun, start: int, window: list[int], cfg: ComeConfig) -> None:
+    """[OURS] --repair: refit the merged layer's o_proj (--repair-o, first) and down_proj (refit_projection) to the
+    window's old output (still cached as h_{start+1}) or, with --repair-target dense, the original model's state
+    leaving the merged span."""
+    target = run.dense[run.tree[window[-1]][-1] + 1] if run.dense else run.cache.states[start + 1]
+    for key in ["repair_o"] * cfg.repair_o + ["repair"]:
+        weight, name = REPAIRED[key], f"step{len(run.steps)}.{REPAIRED[key]}"
+        run.tensors[name], run.steps[-1][key] = refit_projection(run.cache, start, target, cfg.repair,
+                                                                 cfg.repair_alpha, weight)
+        run.steps[-1][key].update(tensor=name, layer=start)
+        set_weight(run.model, start, weight, run.tensors[name])
 
 
 def refit_projection(cache: HiddenStates, index: int, targets: torch.Tensor, kind: str, alpha: float | str,
@@ -961,6 +970,7 @@ def float32_layer(model, index: int) -> nn.Module:
     return work
 
 
+# ============================================================================ replaying a plan
 def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | None = None) -> None:
     """Apply one recorded step (concat / weightsum / rdsc merge, or a drop of `count` layers) without calibration."""
     if step["op"] == "drop":
@@ -1040,15 +1050,15 @@ def apply_plan(model, plan: dict, depth: int | None = None) -> dict:
 # INTERPRETATION: families other than Qwen3 use LLaMA-2-7b's list.
 MP_LRS = {"llama": [5e-4, 2.5e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 1e-5],
           "qwen3": [5e-4, 2.5e-4, 5e-5, 2.5e-5, 1e-5, 7.5e-6]}
-# Unset post-training flags: the paper's settings for --post-train sp|mp [PAPER], ours for --post-train best [OURS]
-# (docs/post-training.md: chosen on held-out training text, never on the test split).
-# train_data: "calib" is the calibration source; best mixes it with a third text in equal shares ("calib+austen").
-TRAIN_RECIPES = {"paper": {"train_samples": 256, "epochs": 1, "lr": 1e-5, "train_seqlen": None, "distill_loss": "kl",
-                           "distill_targets": "merged", "train_all": False, "train_batch_size": None,
-                           "train_data": "calib"},
-                 "best": {"train_samples": 1024, "epochs": 1, "lr": 3e-4, "train_seqlen": 512, "distill_loss": "kl",
-                          "distill_targets": "output", "train_all": True, "train_batch_size": 1,
-                          "train_data": "calib+austen"}}
+# Post-training recipes as TrainConfig settings: the paper's for --post-train sp|mp [PAPER], ours for --post-train
+# best [OURS] (docs/post-training.md: chosen on held-out text, never on a test split), and the number of token windows
+# each trains on. The text they come from is the caller's (the command line mixes the calibration text with a third
+# text for best: --train-data).
+TRAIN_RECIPES = {"paper": {"epochs": 1, "lr": 1e-5, "seqlen": None, "loss": "kl", "targets": "merged",
+                           "train_all": False},
+                 "best": {"mode": "sp", "epochs": 1, "lr": 3e-4, "seqlen": 512, "loss": "kl", "targets": "output",
+                          "train_all": True, "batch_size": 1}}
+TRAIN_WINDOWS = {"paper": 256, "best": 1024}
 
 
 @dataclasses.dataclass
@@ -1062,7 +1072,7 @@ class TrainConfig:
     loss: str = "kl"                     # "kl" on next-token distributions or "mse" on hidden states
     train_all: bool = False              # sp: train every decoder layer, not only the merged ones
     targets: str = "merged"              # sp: loss at each merged layer's boundary [PAPER]; "output" [OURS]: final only
-    recipe: str = "paper"                # [OURS] "best": the settings of TRAIN_RECIPES["best"] (--post-train best)
+    recipe: str = "paper"                # [OURS] "best": the settings of TRAIN_RECIPES["best"] (from_recipe)
     seqlen: int | None = None            # [OURS] training window (None: the calibration --seqlen)
     weight_decay: float = 1e-2           # AdamW [PAPER]
     kl_chunk: int = 256                  # tokens per KL chunk: memory ~ chunk x vocabulary
@@ -1071,6 +1081,14 @@ class TrainConfig:
     save_dtype: str | None = None        # [OURS] dtype of the trained model (None: the student's); e.g. "float32"
     memory: str = "plain"                # [OURS] sp: "checkpoint" activations or "offload" (+ FSDP2 CPU offload)
     offload_count: int | None = None     # [OURS] offload: how many trained layers go to the host (None: all)
+
+    @classmethod
+    def from_recipe(cls, name: str, **settings) -> TrainConfig:
+        """A recipe of TRAIN_RECIPES with `settings` on top: TrainConfig.from_recipe("best") trains as --post-train
+        best does, on the windows post_train is given (TRAIN_WINDOWS["best"] of them, of the caller's text)."""
+        if name not in TRAIN_RECIPES:
+            raise ComeError(f"unknown post-training recipe '{name}' (one of {', '.join(TRAIN_RECIPES)})")
+        return cls(**{**TRAIN_RECIPES[name], "recipe": name, **settings})
 
 
 def original_spans(tree: list[list[int]], n_original: int) -> list[tuple[int, int]]:
@@ -1223,7 +1241,8 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
     # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
     # [OURS] offload: the deepest `offload_count` trained layers (all by default) keep their training state on the
     # host; the others train on the device. Each group has its own AdamW (FSDP2's DTensors and plain tensors apart).
-    on_host = (js if tc.offload_count is None else js[len(js) - tc.offload_count:]) if tc.memory == "offload" else []
+    on_host = (js if tc.offload_count is None else js[max(len(js) - tc.offload_count, 0):]) \
+        if tc.memory == "offload" else []
     templates = _beside("come_runtime", "--train-memory offload").offload_layers(layers, on_host) if on_host else {}
     groups = [[p for j in js if (j in on_host) == host
                for p in (layers[j] if host else layers[j].float()).requires_grad_(True).parameters()]
@@ -1287,9 +1306,9 @@ def drop_from_tree(tree: list[list[int]], start: int, n: int) -> list[int]:
     """Remove current layers start..start+n-1 from the merge tree; returns the original layers they covered.
 
     [OURS] Their span passes to the layer before the cut (to the layer after it for a cut at layer 0), so that the
-    tree still covers every original layer in order: post-training distils that layer to the teacher's state leaving
-    the dropped block, the state a drop repair fits (§14). A drop step's "original" is this list: the span the
-    removed layers stood for, including layers that an earlier drop passed to them.
+    tree still covers every original layer in order and post-training distils each kept layer to the teacher's state
+    leaving its span (§14, drop spans). A drop step's "original" is this list: the span the removed layers stood
+    for, including layers that an earlier drop passed to them.
     """
     dropped = sum(tree[start:start + n], [])
     del tree[start:start + n]
@@ -1300,34 +1319,30 @@ def drop_from_tree(tree: list[list[int]], start: int, n: int) -> list[int]:
     return dropped
 
 
-def _drop(model, tree: list[list[int]], index: int, **info) -> dict:
-    keep_layers(model, [i for i in range(len(tree)) if i != index])
-    step = {"op": "drop", "layer": index, "original": drop_from_tree(tree, index, 1), **info}
-    log(f"dropped layer {index} (original {step['original']}) -> {len(tree)} layers")
-    return step
+def drop_layers(model, tree: list[list[int]], start: int, n: int, cache: HiddenStates | None = None,
+                cfg: ComeConfig | None = None, tensors: dict | None = None, **info) -> dict:
+    """Remove current layers start..start+n-1 (and their boundaries from `cache`); returns the drop's record.
 
-
-def drop_repaired(model, cache: HiddenStates, tree: list[list[int]], start: int, n: int, cfg: ComeConfig,
-                  tensors: dict, **info) -> dict:
-    """[OURS] --repair after a drop: remove layers start..start+n-1, then refit the down_proj of the layer before the
-    cut in closed form (refit_projection) so that its output reproduces the state that left the removed span.
-
-    The target (the cached state leaving the span) and the refit layer's input come from the hidden-state cache;
-    the cache loses the span's boundaries and must be refreshed from layer start-1 on. A span at the very start has
-    no layer before the cut and is dropped unrepaired (recorded as "repair": None).
+    [OURS] With cfg.repair (and the cache) the down_proj of the layer before the cut is refit in closed form
+    (refit_projection) so that its output reproduces the state that left the removed span; the refit tensor goes into
+    `tensors`. The cache must then be refreshed from layer start-1 on. A span at the very start has no layer before
+    the cut and is dropped unrepaired (recorded as "repair": None).
     """
-    target = cache.states[start + n]
+    repair = cfg is not None and cfg.repair != "none"
+    target = cache.states[start + n] if repair else None      # the cached state leaving the span
     keep_layers(model, [i for i in range(len(tree)) if not start <= i < start + n])
-    del cache.states[start + 1:start + n + 1]       # h_start now enters the layer that followed the span
-    step = {"op": "drop", "layer": start, "count": n, "original": drop_from_tree(tree, start, n), **info,
-            "repair": None}
-    if start > 0:
-        name = f"drop{len(tensors)}.{REPAIRED['repair']}"
-        tensors[name], step["repair"] = refit_projection(cache, start - 1, target, cfg.repair, cfg.repair_alpha)
-        step["repair"].update(tensor=name, layer=start - 1)
-        set_weight(model, start - 1, REPAIRED["repair"], tensors[name])
-    log(f"dropped layers {step['original']}" + (f", refit layer {start - 1}" if start else ", nothing before the cut "
-                                                 "to refit") + f" -> {len(tree)} layers")
+    if cache is not None:
+        del cache.states[start + 1:start + n + 1]       # h_start now enters the layer that followed the span
+    step = {"op": "drop", "layer": start, "count": n, "original": drop_from_tree(tree, start, n), **info}
+    if repair:
+        step["repair"] = None
+        if start > 0:
+            name = f"drop{len(tensors)}.{REPAIRED['repair']}"
+            tensors[name], step["repair"] = refit_projection(cache, start - 1, target, cfg.repair, cfg.repair_alpha)
+            step["repair"].update(tensor=name, layer=start - 1)
+            set_weight(model, start - 1, REPAIRED["repair"], tensors[name])
+    refit = f", refit layer {start - 1}" if repair and start else ", nothing before the cut to refit" if repair else ""
+    log(f"dropped layers {step['original']}{refit} -> {len(tree)} layers")
     return step
 
 
@@ -1343,11 +1358,11 @@ def blocks_of(layers: list[int]) -> list[tuple[int, int]]:
 
 
 def drop_blocks_repaired(model, cache: HiddenStates, tree, drop: list[int], cfg: ComeConfig, on_depth, t0) -> dict:
-    """[OURS] Remove the given layers block by block, shallow first, each block repaired once (drop_repaired)."""
+    """[OURS] Remove the given layers block by block, shallow first, each block repaired once (drop_layers)."""
     steps, tensors, removed, blocks = [], {}, 0, blocks_of(drop)
     for k, (first, n) in enumerate(blocks):
         at = first - removed        # the block's first layer in the current model
-        steps.append(drop_repaired(model, cache, tree, at, n, cfg, tensors))
+        steps.append(drop_layers(model, tree, at, n, cache, cfg, tensors))
         removed += n
         if k + 1 < len(blocks):     # the next block's refit reads the states of the repaired model
             cache.refresh(max(at - 1, 0), desc="states after the repair")
@@ -1372,7 +1387,7 @@ def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_
     del cache
     alive = list(range(len(bi)))        # the original layer behind each current layer
     for orig in drop:                   # lowest BI first: the same set at any depth
-        steps.append(_drop(model, tree, alive.index(orig), bi=bi[orig]))
+        steps.append(drop_layers(model, tree, alive.index(orig), 1, bi=bi[orig]))
         alive.remove(orig)
         _notify(on_depth, model, t0)
     return {"steps": steps, "tree": tree}
@@ -1387,7 +1402,7 @@ def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_d
         cache.refresh(0, desc="states")
         return drop_blocks_repaired(model, cache, tree, list(range(target_layers, len(tree))), cfg, on_depth, t0)
     while len(tree) > target_layers:
-        steps.append(_drop(model, tree, len(tree) - 1))
+        steps.append(drop_layers(model, tree, len(tree) - 1, 1))
         _notify(on_depth, model, t0)
     return {"steps": steps, "tree": tree}
 
@@ -1395,7 +1410,7 @@ def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_d
 def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
     """SLEB: repeatedly drop the single layer whose removal gives the lowest calibration NLL.
 
-    [OURS] With --repair the layer before each cut is refit right after the removal (drop_repaired), inside the
+    [OURS] With --repair the layer before each cut is refit right after the removal (drop_layers), inside the
     greedy loop, so that the next removal is chosen on the repaired model.
     """
     t0 = time.perf_counter()
@@ -1406,13 +1421,9 @@ def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_dept
         cache.refresh(stale_from, desc=f"SLEB step {len(steps) + 1}")
         nll = skip_nll(cache, 1)
         index = min(range(len(nll)), key=lambda l: (nll[l], l))
-        if cfg.repair != "none":
-            steps.append(drop_repaired(model, cache, tree, index, 1, cfg, tensors, nll=nll[index]))
-            stale_from = max(index - 1, 0)
-        else:
-            steps.append(_drop(model, tree, index, nll=nll[index]))
-            del cache.states[index + 1]         # h_index now enters the layer that followed the dropped one
-            stale_from = index
+        steps.append(drop_layers(model, tree, index, 1, cache, cfg, tensors, nll=nll[index]))
+        # the next removal reads the current model: from the repaired layer before the cut on, else from the cut on
+        stale_from = max(index - 1, 0) if cfg.repair != "none" else index
         _notify(on_depth, model, t0)
     return {"steps": steps, "tree": tree, **({"tensors": tensors} if tensors else {})}
 
@@ -1436,7 +1447,7 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     Block: argmin over b >= 1 of replaceme_distances (their cosine criterion, here over every calibration token).
     T: least squares on the calibration tokens, min_T ||M T - (H - Y)||^2 with M the MLP output of layer b-1, Y its
     attention residual (the layer's output minus M) and H the state leaving the block; W_down <- T^T W_down.
-    How our --repair refit (drop_repaired) differs from this estimator: it refits all of W_down (d x d_ff numbers
+    How our --repair refit (drop_layers) differs from this estimator: it refits all of W_down (d x d_ff numbers
     instead of T's d x d), regularised toward the old weights (ridge, --repair-alpha) where ReplaceMe's default
     least squares has no ridge, and it runs after every SLEB / ShortGPT removal instead of once per block.
     """
@@ -1550,6 +1561,63 @@ def span_for(method: str, span: int | None) -> int:
     """--span, or the method's default: LaCo collapses 4 layers at a time (its paper's C), the others merge 2."""
     # INTERPRETATION: LaCo's own C = 4 by default; with 2 its RDSC formula reduces to keeping the upper layer.
     return span if span is not None else 4 if method == "laco" else 2
+
+
+# ============================================================================ machinery (not the method)
+# Progress bars, where a module computes, weights a device_map keeps off the GPU (accelerate's hooks), and
+# the repository's modules that opt-in paths load beside come.py.
+def progress_bar(iterable, desc: str, total: int | None = None):
+    """tqdm progress bar when tqdm is installed (quiet on torchrun ranks other than 0); plain iteration otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    quiet = None if os.environ.get("RANK", "0") == "0" else True
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=quiet, dynamic_ncols=True)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(dev) if dev is not None else next(module.parameters()).device
+
+
+def offloaded(module: nn.Module) -> bool:
+    """Whether a device_map keeps (some of) the module's weights off its device (meta until it runs)."""
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module):
+    """The module with every offloaded weight on its execution device for the duration, loaded once.
+
+    accelerate's hooks copy an offloaded module's weights in before every forward and drop them after; inside this
+    context they stay, so a loop over windows pays one copy per layer instead of one per window.
+    """
+    hooked = []
+    if offloaded(module):
+        from accelerate.utils import has_offloaded_params
+        hooked = [m for m in module.modules() if has_offloaded_params(m)]
+    try:
+        for m in hooked:
+            m._hf_hook.pre_forward(m)
+            m._hf_hook.offload = False      # later forwards find the weights in place
+        yield module
+    finally:
+        for m in hooked:
+            m._hf_hook.offload = True
+            m._hf_hook.post_forward(m, None)
+
+
+def _beside(module: str, purpose: str):
+    """A module of this repository that an opt-in path needs next to come.py (the method itself needs none)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ComeError(f"{purpose} needs {module}.py next to come.py: copy it from the CoMe repository too "
+                        "(the methods themselves need only come.py, torch and transformers)") from None
 
 
 # ============================================================================ CLI entry
