@@ -23,9 +23,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 import come_eval as ev          # data and evaluation (text sources, perplexity, lm-eval tasks, reports)
 import come_runtime as rt       # machinery beyond the method: files, devices, memory plan
-from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES, ComeConfig,
-                  ComeError, TrainConfig, apply_plan, check_supported, come_plus, count_params, decoder_layers,
-                  fingerprint, layers_to_remove, log, meta_model, post_train, replay_step, span_for)
+from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES, TRAIN_WINDOWS,
+                  ComeConfig, ComeError, TrainConfig, apply_plan, check_supported, come_plus, count_params,
+                  decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train, replay_step, span_for)
 
 
 # --compare names beyond the methods: come with --fold-norms, and [OURS] drop baselines with come+'s repair
@@ -40,6 +40,19 @@ def compare_variant(name: str, cfg: ComeConfig, span: int | None = None) -> tupl
     if name.endswith("-repair"):     # come+'s repair: least squares with its token rule
         cfg = dataclasses.replace(cfg, repair="lstsq", repair_floor=REPAIR_TOKEN_FLOOR)
     return method, come_plus(cfg) if method == "come+" else cfg
+
+
+# [OURS] A post-training recipe on the command line: its TrainConfig settings under their flag names, its number of
+# training windows, and its training text (best: the calibration text mixed with two Austen novels, --train-data).
+RECIPE_FLAGS = {"epochs": "epochs", "lr": "lr", "seqlen": "train_seqlen", "loss": "distill_loss",
+                "targets": "distill_targets", "train_all": "train_all", "batch_size": "train_batch_size"}
+RECIPE_TEXT = {"paper": "calib", "best": "calib+austen"}
+
+
+def recipe_defaults(name: str) -> dict:
+    """flag -> value for every post-training flag a recipe sets (the paper's batch size: --batch-size's, None)."""
+    settings = {RECIPE_FLAGS[k]: v for k, v in TRAIN_RECIPES[name].items() if k in RECIPE_FLAGS}
+    return {"train_batch_size": None, **settings, "train_samples": TRAIN_WINDOWS[name], "train_data": RECIPE_TEXT[name]}
 
 
 # ============================================================================ I/O and plan
@@ -147,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("--lr", float, "sp learning rate", ""), ("--train-seqlen", int, "training window", "--seqlen"),
             ("--train-batch-size", int, "training windows per step", "--batch-size")):
         key = flag[2:].replace("-", "_")
-        g.add_argument(flag, type=kind, help=f"{text} (default {TRAIN_RECIPES['paper'][key] or fallback}; "
-                                             f"best: {TRAIN_RECIPES['best'][key]})")
+        g.add_argument(flag, type=kind, help=f"{text} (default {recipe_defaults('paper')[key] or fallback}; "
+                                             f"best: {recipe_defaults('best')[key]})")
     g.add_argument("--mp-lrs", type=positive_list, help="mp learning rates, shallow to deep, comma-separated "
                                                          "(default: the paper's, interpolated to the merged layers)")
     g.add_argument("--distill-loss", choices=("kl", "mse"), help="kl (default) or mse")
@@ -219,7 +232,7 @@ def validate(args, ap) -> None:
         ap.error("--granularity, --nsamples, --seqlen and --score-windows must be positive")
     if args.post_train != "none":
         # [OURS] unset post-training flags take the recipe's value: the paper's for sp / mp, ours for best
-        for key, value in TRAIN_RECIPES["best" if args.post_train == "best" else "paper"].items():
+        for key, value in recipe_defaults("best" if args.post_train == "best" else "paper").items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
         if args.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -430,17 +443,48 @@ def plan_memory(job: Job) -> dict:
     folder = Path(resolve_model(args.model)) if Path(resolve_model(args.model)).is_dir() else None
     mapped = not args.device.startswith("cuda") and folder is not None and any(folder.glob("*.safetensors")) and \
         str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
-    plan, job.tc = rt.place_run(
-        job.config, job.dtype, args.device, windows, seqlen, job.target, job.cfg, job.tc, budget, args.cache,
-        mapped=mapped, offload=args.offload_layers, models=2 if args.compare or job.method == "weightsum" else 1,
-        tasks=(args.batch_size, ev.longest_task_item(job.settings, job.tokenizer)) if job.settings.tasks else None,
-        eval_while_pruning=bool(args.compare))      # --compare and a standalone weightsum prune a copy
+    tasks = (args.batch_size, ev.longest_task_item(job.settings, job.tokenizer)) if job.settings.tasks else None
+
+    def place(depth: int, tc: TrainConfig | None, cache: str, offload: int | None) -> tuple[dict, TrainConfig]:
+        return rt.place_run(job.config, job.dtype, args.device, windows, seqlen, depth, job.cfg, tc, budget, cache,
+                            mapped=mapped, offload=offload, tasks=tasks, eval_while_pruning=bool(args.compare),
+                            models=2 if args.compare or job.method == "weightsum" else 1)   # they prune a copy
+    # --compare: every stop is pruned (and post-trained) in one run, so the plan is the one of the stop that needs
+    # the most, and each other stop is checked with that plan's placements and training memory
+    depths = sorted(set(compare_targets(job.config, args.sparsities).values())) if args.compare else [job.target]
+    placed = {depth: place(depth, job.tc, args.cache, args.offload_layers) for depth in depths}
+    depth = max(depths, key=lambda t: plan_need(placed[t][0]))
+    plan, job.tc = placed[depth]
+    if len(depths) > 1:
+        # a stop that fits with its own plan but not with the largest one's is checked too; when the largest does
+        # not fit at all, each stop is reported with its own plan
+        stops = {t: placed[t][0] if plan["problems"] else place(t, job.tc, plan["cache"], plan["offload_layers"])[0]
+                 for t in depths}
+        plan = {**plan, "planned_stop": depth, "stops": {t: s["memory"] for t, s in stops.items()},
+                "problems": [f"at {t} layers, {p}" for t, s in stops.items() for p in s["problems"]]}
+        plan.setdefault("hints", next((s["hints"] for s in stops.values() if s["problems"]), []))
     (print if args.dry_run else log)(rt.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
-                                                              f"{windows} calibration windows of {seqlen}"))
-    if plan["problems"] and not args.dry_run:
-        raise ComeError("this run does not fit: " + "; ".join(plan["problems"]) + ". What helps: "
-                        + "; ".join(plan["hints"]))
+                                                              f"{windows} calibration windows of {seqlen}"
+                                                              + (f"; the stop at {depth} layers, the largest of "
+                                                                 f"{len(depths)}" if len(depths) > 1 else "")))
+    if plan["problems"]:
+        if args.dry_run and args.results:       # the plan is still written: it says what does not fit
+            dry_run(dataclasses.replace(job, memory=plan))
+        raise ComeError(("this run does not fit: " if not args.dry_run else "the plan does not fit: ")
+                        + "; ".join(plan["problems"]) + ". What helps: " + "; ".join(plan["hints"]))
     return plan
+
+
+def plan_need(plan: dict) -> tuple:
+    """How much a plan asks: whether it fits, then its largest GPU and host phase (for the largest --compare stop)."""
+    return (bool(plan["problems"]), max(v["gpu_gib"] for v in plan["memory"].values()),
+            max(v["host_gib"] for v in plan["memory"].values()))
+
+
+def compare_targets(config, sparsities: str) -> dict[float, int]:
+    """--compare: the depth of every --sparsities stop, from the config (no weights)."""
+    meta, L = meta_model(config), config.num_hidden_layers
+    return {float(s): L - layers_to_remove(meta, float(s)) for s in sparsities.split(",")}
 
 
 def dry_run(job: Job) -> dict:
@@ -582,8 +626,7 @@ def compare(job, base) -> dict:
     args, cfg, tokenizer, calib_ids, settings = job.args, job.cfg, job.tokenizer, job.calib_ids, job.settings
     names = sorted(args.compare.split(","), key=lambda n: n != "come")      # CoMe first: WeightSum reuses its plan
     sparsities = [float(x) for x in args.sparsities.split(",")]
-    L, params = len(decoder_layers(base)), count_params(base)
-    targets = {s: L - layers_to_remove(base, s) for s in sparsities}
+    params, targets = count_params(base), compare_targets(base.config, args.sparsities)
     rows, come_plan, plans = [], None, {}
     train_ids = training_windows(job)[1] if job.tc else None
     for name in names:
