@@ -10,6 +10,7 @@ that need them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -490,18 +491,24 @@ def task_folders(tasks: dict[str, int] | None, task_path: str | None) -> list[st
     return folders or None
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(folders: tuple[str, ...]):
+    """lm-eval's index of its tasks (and of the local task folders): built once a process, since indexing every task
+    YAML takes about 10 s and --compare evaluates many models."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=list(folders)) if folders else TaskManager()
+
+
 def task_accuracy(model, tokenizer, tasks: dict[str, int], task_path: str | None, limit: float | None,
                   batch_size: int) -> dict:
     """Zero/few-shot accuracy through lm-eval's Python API on the in-memory model: acc and acc_norm per task."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ComeError("task evaluation needs lm-eval: pip install 'lm-eval>=0.4.5'") from e
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    folders = task_folders(tasks, task_path)
-    manager = TaskManager(include_path=folders) if folders else TaskManager()
+    manager = task_manager(tuple(task_folders(tasks, task_path) or ()))
     out = {}
     for shots in sorted(set(tasks.values())):
         names = [n for n, k in tasks.items() if k == shots]

@@ -13,6 +13,7 @@ import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -391,6 +392,18 @@ def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None, d
     return budget
 
 
+@functools.lru_cache(maxsize=16)
+def parameter_counts(config_json: str) -> tuple[int, int, int]:
+    """(parameters of the model, of one decoder layer, of its largest weight) from the config alone (meta device);
+    cached, since a plan's search for placements asks for them many times."""
+    config = AutoConfig.for_model(**json.loads(config_json))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    layer = meta.model.layers[0]
+    return (sum(p.numel() for p in meta.parameters()), sum(p.numel() for p in layer.parameters()),
+            max(p.numel() for p in layer.parameters()))
+
+
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
                 budget: dict[str, float], placement: str = "auto", mapped: bool = False, offload: int = 0,
                 models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False,
@@ -415,10 +428,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     """
     e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
         config.num_hidden_layers
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
-    total, per_layer = (sum(p.numel() for p in m.parameters()) for m in (meta, meta.model.layers[0]))
-    biggest = max(p.numel() for p in meta.model.layers[0].parameters())     # the largest weight of a layer
+    total, per_layer, biggest = parameter_counts(config.to_json_string())
     one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
     cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
