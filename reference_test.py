@@ -422,21 +422,28 @@ def test_incremental_refresh_equals_full_recompute():
         assert torch.equal(a.ffn, b.ffn) and torch.equal(a.attn, b.attn)
 
 
-def test_block_influence_is_recomputed_only_from_the_merged_layer_on_and_equals_naive_every_step(monkeypatch):
+@pytest.mark.parametrize("method", ["come", "come+", "come-p"])
+def test_block_influence_is_recomputed_only_from_the_merged_layer_on_and_equals_naive_every_step(method, monkeypatch):
     """Each step's BI vector (plan "bi_all") equals naive BI of the model as it is at that step (replayed from the
-    plan, states from a stock forward); after a merge at layer s only the boundaries from s on are recomputed."""
+    plan, states from a stock forward); after a merge at layer s only the boundaries from s on are recomputed.
+    come+ refits the merged layer after the merge, CoMe-P searches its ratio: neither may leave a stale boundary."""
     base = make_tiny("llama-gqa")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
     real, computed = come.block_influence, []
     monkeypatch.setattr(come, "block_influence", lambda states, device=None: computed.append(len(states) - 1)
                         or real(states, device))
-    plan = come.come_prune(copy.deepcopy(base), ids, 3, come.ComeConfig(allow_remerge=True))
+    cfg = come.ComeConfig(method="come-p" if method == "come-p" else "come", allow_remerge=True, granularity=4)
+    cfg = come.come_plus(cfg) if method == "come+" else cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # come+'s token rule: 48 tokens are few for a refit of 172 weights
+        plan = come.come_prune(copy.deepcopy(base), ids, 3, cfg)
     assert computed[0] == 7 and computed[1:] == [len(plan["tree"]) + len(plan["steps"]) - k - s["window"][0]
                                                   for k, s in enumerate(plan["steps"][:-1], start=1)]
+    assert ("tensors" in plan) == (method == "come+")
     model = copy.deepcopy(base)
     for step in plan["steps"]:
         assert step["bi_all"] == pytest.approx(naive_bi(raw_states(model, ids)), rel=1e-4)
-        come.replay_step(model, step)
+        come.replay_step(model, step, cfg.fold_norms, plan.get("tensors"))
 
 
 def test_select_window_blocks_merged_layers_and_falls_back_with_a_message_every_time(capsys):
@@ -520,6 +527,16 @@ def test_come_p_picks_lowest_calibration_loss_by_brute_force():
         assert nll == pytest.approx(losses[r0], rel=1e-5)
 
 
+def drop_copy(model, drop: list[int]):
+    """A copy of `model` without the decoder layers `drop`, renumbered (a literal construction)."""
+    out = copy.deepcopy(model)
+    out.model.layers = torch.nn.ModuleList(l for i, l in enumerate(out.model.layers) if i not in drop)
+    out.config.num_hidden_layers = len(out.model.layers)
+    for i, layer in enumerate(out.model.layers):
+        layer.self_attn.layer_idx = i
+    return out
+
+
 def whole_model_nll(model, ids):
     """Mean next-token NLL of the calibration windows through the stock HF forward (the brute-force reference)."""
     with torch.no_grad():
@@ -549,7 +566,7 @@ def test_merge_scored_window_equals_brute_force_over_whole_models(fold):
             brute[l, tuple(r)] = whole_model_nll(naive_merged_model(base, l, 2, state), ids)
     (l_best, r_best), best = min(brute.items(), key=lambda kv: kv[1])
     assert step["window"] == [l_best, l_best + 1] and step["ratios"] == pytest.approx(list(r_best), abs=ATOL_SCORE)
-    assert step["sbi"] == pytest.approx(best, rel=1e-5)
+    assert step["skip_nll"] == pytest.approx(best, rel=1e-5) and "sbi" not in step     # an NLL, named as one
     for (l, r), nll in brute.items():
         got = [v for c, v in step["merge_nll"][l] if c == pytest.approx(list(r), abs=ATOL_SCORE)]
         assert got and got[0] == pytest.approx(nll, rel=1e-5)
@@ -577,7 +594,7 @@ def test_score_windows_limits_the_nll_choices_to_the_first_windows():
             for i, layer in enumerate(dropped.model.layers):
                 layer.self_attn.layer_idx = i
             want.append(whole_model_nll(dropped, ids[:n]))
-        assert step["steps"][0]["sbi_all"] == pytest.approx(want, rel=1e-5)
+        assert step["steps"][0]["skip_nll_all"] == pytest.approx(want, rel=1e-5)
 
 
 def repair_case(seed=0):
@@ -838,6 +855,22 @@ def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert AutoConfig.from_pretrained(tmp_path / "b").num_hidden_layers == 3
+    old = json.loads((tmp_path / "a" / "come_plan.json").read_text())     # as plans were written before the renames:
+    for step in old["merge"]["steps"]:                  # NLL skip scores under "sbi", a one-layer drop without count
+        for new_name, old_name in (("skip_nll", "sbi"), ("skip_nll_all", "sbi_all")):
+            if new_name in step:
+                step[old_name] = step.pop(new_name)
+        if step["op"] == "drop" and step.get("count") == 1 and "repair" not in step:
+            del step["count"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "come_plan.json").write_text(json.dumps(old))
+    for tensors in (tmp_path / "a").glob("*.safetensors"):      # the refit weights stored next to the plan
+        if tensors.name != "model.safetensors":
+            (tmp_path / "old" / tensors.name).write_bytes(tensors.read_bytes())
+    cli("--model", folder, "--apply-plan", tmp_path / "old" / "come_plan.json", "--eval-ppl", "none",
+        "--save", tmp_path / "c")
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_cli_sparsity_reports_achieved_sparsity(tiny_folder, calib_txt, tmp_path, capsys):
@@ -1082,6 +1115,32 @@ def test_a_repaired_drop_at_layer_0_drops_unrepaired_and_the_next_removal_reads_
         assert torch.equal(v, w), k
 
 
+def test_after_a_repaired_cut_sleb_scores_its_next_removal_on_the_repaired_model(monkeypatch):
+    """The first removal forced to layer 2, so that layer 1 is refit: every NLL of SLEB's second step equals a stock
+    forward of the repaired model (layer 1's refit down_proj) without each layer, not of the merely dropped model."""
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(5))
+    real, calls = come.skip_nll, []
+
+    def first_removal_at_2(cache, span):
+        calls.append(real(cache, span))
+        return [-1.0 if l == 2 else s for l, s in enumerate(calls[-1])] if len(calls) == 1 else calls[-1]
+    monkeypatch.setattr(come, "skip_nll", first_removal_at_2)
+    plan = come.sleb_prune(copy.deepcopy(base), ids, 5, come.ComeConfig(method="sleb", repair="lstsq",
+                                                                         repair_alpha=0.05))
+    first = plan["steps"][0]
+    assert first["layer"] == 2 and first["repair"]["layer"] == 1
+
+    def without_each_layer(model) -> list[float]:
+        return [whole_model_nll(drop_copy(model, [l]), ids) for l in range(6)]
+    dropped = drop_copy(base, [2])
+    repaired = copy.deepcopy(dropped)
+    come.set_weight(repaired, 1, "mlp.down_proj.weight", plan["tensors"][first["repair"]["tensor"]])
+    want, stale = without_each_layer(repaired), without_each_layer(dropped)
+    assert calls[1] == pytest.approx(want, rel=1e-5)
+    assert max(abs(a / b - 1) for a, b in zip(want, stale)) > 1e-3       # the repair is visible to this check
+
+
 def test_drop_repair_with_a_huge_ridge_leaves_the_dropped_model_unchanged():
     ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(5))
     plain, huge = make_tiny("llama-gqa"), make_tiny("llama-gqa")
@@ -1184,7 +1243,11 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
     assert {f.name for f in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "plans"}
     cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
     assert set(cells) == {(n, s) for n in names.split(",") for s in (0.15, 0.3)}
-    assert all(cells[n, s]["layers"] == {0.15: 6, 0.3: 5}[s] for n, s in cells)
+    base = make_tiny("llama-gqa")          # the folder's model: the evaluated model's layers from its parameters
+    total, per_layer = come.count_params(base), come.count_params(base.model.layers[0])
+    for (n, s), row in cells.items():
+        assert row["layers"] == {0.15: 6, 0.3: 5}[s]
+        assert row["achieved_sparsity"] == pytest.approx((7 - row["layers"]) * per_layer / total, abs=1e-9), (n, s)
     # progressive methods: one plan through both depths; replaceme and a repaired ShortGPT: one plan per sparsity
     assert {p.name for p in (out / "plans").iterdir()} == {"come", "sleb", "weightsum", "shortgpt-repair-s0.15",
                                                            "shortgpt-repair-s0.3", "replaceme-s0.15", "replaceme-s0.3"}
@@ -1446,7 +1509,7 @@ def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, t
               "--train-samples", 64, "--train-seqlen", 16, "--batch-size", 2]
     plan = cli(*common, "--target-layers", 4, "--save", tmp_path / "a")
     settings = plan["post_training"]["settings"]
-    best = come.TRAIN_RECIPES["best"]
+    best = come_cli.recipe_defaults("best")
     assert settings["recipe"] == "best" and settings["mode"] == "sp" and settings["seqlen"] == 16
     assert settings["batch_size"] == best["train_batch_size"] != 2        # the recipe's, not --batch-size's
     assert settings["lr"] == best["lr"] and settings["epochs"] == best["epochs"]
@@ -1464,7 +1527,12 @@ def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, t
     paper = cli(*common[:8], "--post-train", "sp", "--lr", 2e-3, "--apply-plan", tmp_path / "a" / "come_plan.json",
                 "--save", tmp_path / "d")["post_training"]["settings"]
     assert paper["recipe"] == "paper" and paper["lr"] == 2e-3 and paper["targets"] == "merged"
-    assert come.TRAIN_RECIPES["paper"]["train_data"] == "calib"
+    assert come_cli.recipe_defaults("paper")["train_data"] == "calib"
+    lone = come.TrainConfig.from_recipe("best")       # a lone copy of come.py gets the same settings
+    assert {k: getattr(lone, k) for k in ("mode", "lr", "epochs", "targets", "train_all", "loss", "batch_size")} == \
+        {k: settings[k] for k in ("mode", "lr", "epochs", "targets", "train_all", "loss", "batch_size")}
+    with pytest.raises(come.ComeError, match="unknown post-training recipe"):
+        come.TrainConfig.from_recipe("fast")
     assert not paper["train_all"] and paper["seqlen"] is None
 
 
@@ -1629,10 +1697,16 @@ def test_save_dtype_keeps_fp32_updates_and_the_cast_warning():
             assert bad and len(undone) == len(bad)
 
 
-@pytest.mark.parametrize("memory,count", [("checkpoint", None), ("offload", None), ("offload", 1)])
+@pytest.mark.parametrize("memory,count", [("checkpoint", None), ("offload", None), ("offload", 1), ("offload", 9)])
 def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, count, monkeypatch):
-    """count 1: only the deepest trained layer's state on the host, the others train in place (two AdamWs)."""
-    seen = []
+    """count 1: only the deepest trained layer's state on the host, the others train in place (two AdamWs); count 9,
+    more than the trained layers: all of them on the host (never a slice that wraps around)."""
+    seen, on_host, real_offload = [], [], come_runtime.offload_layers
+
+    def spy_offload(layers, js):
+        on_host.append(list(js))
+        return real_offload(layers, js)
+    monkeypatch.setattr(come_runtime, "offload_layers", spy_offload)
 
     class SpyAdamW(torch.optim.AdamW):
         def __init__(self, params, **kwargs):
@@ -1654,7 +1728,9 @@ def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, co
     assert ("DTensor" in seen) == (memory == "offload") and not torch.distributed.is_initialized()
     trained = len(rows_a)                   # one loss row per trained (merged) layer here
     per_layer = len(list(come.decoder_layers(a)[0].parameters()))
-    if count:                               # the deepest layer's tensors went to the host, the others did not
+    layers = [r["layer"] for r in rows_a]
+    assert on_host == ([layers[-1:]] if count == 1 else [layers] if memory == "offload" else [])     # the deepest
+    if count == 1:                          # the deepest layer's tensors went to the host, the others did not
         assert trained >= 2 and seen.count("DTensor") == per_layer and \
             seen.count("Parameter") == trained * per_layer + (trained - 1) * per_layer
 
@@ -1712,11 +1788,15 @@ def test_memory_plan_places_the_cache_and_refuses_what_cannot_fit(tiny_folder, c
     args = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
             "--save", tmp_path / "o", "--post-train", "sp", "--host-gib", 0.3]
     expect_error(capsys, *args, match="--post-train mp trains one merged layer at a time")
-    cli(*args, "--dry-run", "--results", out)
+    with pytest.raises(SystemExit) as exit_code:        # a dry run that does not fit says so and exits 2 too
+        cli(*args, "--dry-run", "--results", out)
+    assert exit_code.value.code == 2
+    printed = capsys.readouterr()
+    assert "the plan does not fit" in printed.err and "--post-train mp trains one merged layer" in printed.err
     plan = json.loads(out.read_text())
     assert {k: set(v) >= {"gpu_gib", "host_gib"} for k, v in plan["memory"].items()} == \
         {"prune": True, "evaluate": True, "post_train": True, "save": True}
-    assert plan["problems"] and "does not fit" in capsys.readouterr().out
+    assert plan["problems"] and "does not fit" in printed.out
     assert not (tmp_path / "o").exists() and not any(Path(os.environ["COME_CACHE"]).rglob("*.json"))
 
 
@@ -1769,13 +1849,42 @@ def test_post_training_every_layer_at_7b_fits_by_moving_what_the_host_holds_to_t
     assert post_train_plan(k) == plan["memory"]["post_train"]
     assert post_train_plan(k + 1)["host_gib"] > 64 >= post_train_plan(k)["host_gib"]    # as many as the host holds
     assert post_train_plan(22) == post_train_plan(None)                                  # all of them do not fit
-    small = cli(*common[:-4], "--host-gib", 32, "--post-train", "best")         # nothing fits: say what would
+    small = tmp_path / "small.json"                                             # nothing fits: say what would
+    with pytest.raises(SystemExit):
+        cli(*common[:-4], "--host-gib", 32, "--post-train", "best", "--results", small)
     out = capsys.readouterr().out
-    assert small["problems"] and "--no-train-all trains the 10 merged layers instead of all 22" in out
+    assert json.loads(small.read_text())["problems"] and "--no-train-all trains the 10 merged layers instead of " \
+        "all 22" in out
     hint = out.split("--no-train-all trains the 10 merged layers instead of all 22 (")[1].split(" GiB GPU, ")[1] \
         .split(" GiB host")[0]
     merged = cli(*common[:-4], "--host-gib", 32, "--post-train", "best", "--no-train-all")
     assert not merged["problems"] and f"{merged['memory']['post_train']['host_gib']:.1f}" == hint
+
+
+def test_compare_with_post_training_plans_every_stop_and_refuses_one_that_does_not_fit(tmp_path, capsys):
+    """--compare --post-train best at 7B: the 0.1 stop trains 29 layers, the 0.3 stop 22. The plan is that of the
+    stop that needs the most, every stop is checked with its placements, and a stop that does not fit stops the
+    run before any weights, dry run or not, with the single run's message."""
+    common = ["--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40,
+              "--host-gib", 64, "--post-train", "best", "--compare", "come"]
+    single = tmp_path / "single.json"
+    with pytest.raises(SystemExit) as e:
+        cli(*common[:-2], "--sparsity", 0.1, "--results", single)
+    assert e.value.code == 2
+    alone = json.loads(single.read_text())
+    capsys.readouterr()
+    both = tmp_path / "both.json"
+    with pytest.raises(SystemExit) as e:
+        cli(*common, "--sparsities", "0.1,0.3", "--results", both)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    plan = json.loads(both.read_text())
+    assert plan["planned_stop"] == 29 and set(plan["stops"]) == {"29", "22"}
+    assert plan["problems"] and all(p.startswith("at 29 layers") for p in plan["problems"]) and "at 29 layers" in err
+    assert plan["stops"]["29"]["post_train"] == alone["memory"]["post_train"]
+    fits = tmp_path / "fits.json"               # the 0.3 stop alone fits: so does a compare of 0.3 only
+    cli(*common, "--sparsities", "0.3", "--results", fits)
+    assert not json.loads(fits.read_text())["problems"]
 
 
 def test_hidden_state_cache_on_disk_is_bit_identical_and_leaves_no_file(tmp_path):
@@ -2120,24 +2229,30 @@ def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny
     assert plan["cache"] == "gpu"
 
 
-def test_a_host_cache_of_a_gpu_model_synchronizes_the_model_s_device(tiny_folder, monkeypatch):
-    """The CUDA-only lines of a pinned host cache, executed on the CPU: the cache believes its model computes on
-    cuda:0 (its first device_of answer), pins its boundaries (ordinary memory where pinning is refused), and after
-    refresh and after a suffix pass through offloaded layers synchronizes cuda:0 by index, never the current device."""
-    cuda = StrictFakeCuda(monkeypatch)
+@pytest.mark.parametrize("split", [False, True], ids=["on-cuda1", "cuda1-then-cuda0"])
+def test_a_host_cache_of_a_gpu_model_synchronizes_every_gpu_that_wrote_to_it(split, tiny_folder, monkeypatch):
+    """The CUDA-only lines of a pinned host cache, executed on the CPU with two fake GPUs and the current device 0:
+    the model computes on cuda:1 (split: its last 3 layers on cuda:0). The cache pins its boundaries (ordinary memory
+    where pinning is refused) and, after refresh and after a suffix pass through offloaded layers, synchronizes
+    every GPU that wrote to it, by index, before the host or a layer on another GPU reads: never the current device."""
+    cuda = StrictFakeCuda(monkeypatch, count=2)
+    model = come_runtime.load_model(str(tiny_folder("llama-gqa")), "cpu", torch.float32, offload=2)
+    layers = come.decoder_layers(model)
+    fake = {id(layer): torch.device("cuda:0" if split and i >= 4 else "cuda:1") for i, layer in enumerate(layers)}
     real, asked = come.device_of, []
 
-    def first_answer_cuda(module):
+    def fake_device_of(module):        # the cache's device (its first question) and every layer's: fake GPUs
         asked.append(module)
-        return torch.device("cuda:0") if len(asked) == 1 else real(module)
-    monkeypatch.setattr(come, "device_of", first_answer_cuda)
-    model = come_runtime.load_model(str(tiny_folder("llama-gqa")), "cpu", torch.float32, offload=2)
+        return torch.device("cuda:1") if len(asked) == 1 else fake.get(id(module)) or real(module)
+    monkeypatch.setattr(come, "device_of", fake_device_of)
+    monkeypatch.setattr(come, "call_layer", lambda layer, x, kwargs: layer(x, **kwargs))    # computes on the CPU
     cache = come.HiddenStates(model, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
-    assert cache.pin and cache.device == torch.device("cuda:0")
+    assert cache.pin and cache.device == torch.device("cuda:1") and cuda.current == 0
     cache.refresh(0)
-    assert cuda.calls == [("synchronize", 0)]
-    cache.nll_from(3, list(enumerate(come.decoder_layers(model)))[3:])     # offloaded suffix: the scratch path
-    assert cuda.calls == [("synchronize", 0)] * 2
+    want = [("synchronize", 1), ("synchronize", 0)] if split else [("synchronize", 1)]
+    assert cuda.calls == want
+    cache.nll_from(3, list(enumerate(layers))[3:])     # offloaded suffix: the scratch path
+    assert cuda.calls == want * 2
 
 
 def test_a_cuda_device_the_machine_lacks_is_refused_and_the_current_gpu_is_kept(tiny_folder, calib_txt, tmp_path,
@@ -2490,6 +2605,35 @@ def test_interrupted_save_leaves_nothing(tiny_folder, calib_txt, tmp_path, monke
         cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
             "--save", tmp_path / "o")
     assert [p.name for p in tmp_path.iterdir()] == [".o.progress"]     # no model; the finished steps, for --resume
+
+
+# ============================================================================ documentation
+REPO = Path(__file__).parent
+
+
+def repository_texts() -> dict[Path, str]:
+    """Every Python and Markdown file of the repository (not the virtual environment or caches)."""
+    skip = {".venv", ".git", "pruned", "__pycache__"}
+    return {p: p.read_text() for p in sorted(REPO.rglob("*")) if p.suffix in (".py", ".md")
+            and not skip & set(p.relative_to(REPO).parts)}
+
+
+def test_every_section_cited_exists_in_the_method_and_every_local_link_resolves():
+    """A § cited anywhere in code or docs names a section of docs/method.md ("## N." or a bold "**N.M"), and every
+    relative Markdown link points at a file of the repository."""
+    method = (REPO / "docs" / "method.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", method, re.M)) | set(re.findall(r"^\*\*(\d+\.\d+) ", method, re.M))
+    assert {"1", "7", "14", "4.3"} <= sections
+    cited, broken = {}, []
+    for path, text in repository_texts().items():
+        for number in re.findall(r"§(\d+(?:\.\d+)?)", text):
+            cited.setdefault(number, set()).add(path.name)
+        if path.suffix == ".md":
+            for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+                if not (path.parent / target).exists():
+                    broken.append(f"{path.relative_to(REPO)} -> {target}")
+    assert cited and not {n: where for n, where in cited.items() if n not in sections}
+    assert not broken
 
 
 # ============================================================================ real model (SmolLM2-135M, --run-slow)
