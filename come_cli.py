@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-eval batch size; post-training's too unless --train-batch-size (default 1)")
     g.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate the dense model with the same settings (cached) to report retention")
+    g.add_argument("--latency", action="store_true", help="time prompt processing and generation of the dense and "
+                   "the pruned model in this run and report the speedup (SLEB's protocol on a GPU, smaller sizes on a "
+                   "CPU) [ours]")
+    g.add_argument("--latency-sizes", help="--latency sizes as NAME=N,...: prompt, iters, gen_batch, gen_prompt, new, "
+                   "gen_iters, warmup (default on a GPU prompt=2048,iters=50,gen_batch=64,gen_prompt=64,new=128,"
+                   "gen_iters=10,warmup=1; on a CPU prompt=512,iters=5,gen_batch=4,gen_prompt=32,new=32,gen_iters=3)")
     g = ap.add_argument_group("post-training")
     g.add_argument("--post-train", choices=("none", "sp", "mp", "best"), default="none",
                     help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able), "
@@ -310,6 +316,7 @@ class Job:
     rank: int = 0
     world: int = 1
     memory: dict | None = None
+    latency: ev.LatencySettings | None = None                     # --latency: what to time
     ppl_ids: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)      # dense / pruned / post_trained evaluations
     merge: dict | None = None
@@ -428,6 +435,7 @@ def prepare(args) -> Job:
             if not args.dry_run:
                 raise
             log(f"--dry-run: calibration text '{calib}' not at hand; planning {args.nsamples} windows of {args.seqlen}")
+    job.latency = ev.latency_settings(args.latency_sizes, args.device) if args.latency or args.latency_sizes else None
     job.memory = plan_memory(job)
     return job
 
@@ -448,6 +456,7 @@ def plan_memory(job: Job) -> dict:
     def place(depth: int, tc: TrainConfig | None, cache: str, offload: int | None) -> tuple[dict, TrainConfig]:
         return rt.place_run(job.config, job.dtype, args.device, windows, seqlen, depth, job.cfg, tc, budget, cache,
                             mapped=mapped, offload=offload, tasks=tasks, eval_while_pruning=bool(args.compare),
+                            latency=job.latency,
                             models=2 if args.compare or job.method == "weightsum" else 1)   # they prune a copy
     # --compare: every stop is pruned (and post-trained) in one run, so the plan is the one of the stop that needs
     # the most, and each other stop is checked with that plan's placements and training memory
@@ -512,6 +521,8 @@ def load(job: Job):
             job.results["dense"] = ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, "dense")
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(job.results["dense"], indent=1))
+    if job.rank == 0 and job.latency:       # timed in this run, never cached: times belong to this machine
+        job.results["dense_latency"] = ev.measure_latency(model, job.latency)
     job.phase("load")
     return model
 
@@ -547,6 +558,8 @@ def prune(job: Job, model) -> None:
     job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=rt.peak_rss_gib())
     job.phase("prune")
     job.results["pruned"] = _evaluate(job, model, "pruned")
+    if job.rank == 0 and job.latency:
+        job.results["pruned_latency"] = ev.measure_latency(model, job.latency)
     job.phase("evaluate")
 
 
@@ -643,6 +656,9 @@ def compare(job, base) -> dict:
                     rows.append({"method": name, "sparsity": s, "layers": depth, "plan": f"plans/{label}",
                                  "prune_seconds": round(seconds - spent[0], 2),
                                  "achieved_sparsity": 1 - count_params(m) / params, **res})
+                    if job.latency:     # [OURS] --latency: this stop's times and its speedup over the dense model
+                        rows[-1]["latency"] = ev.measure_latency(m, job.latency)
+                        rows[-1]["speedup"] = ev.speedup(job.results["dense_latency"], rows[-1]["latency"])
                     spent[0] += time.perf_counter() - t0
             extra = {"come_plan": come_plan} if method == "weightsum" and come_plan else {}
             log(f"compare: {label}")
@@ -661,6 +677,7 @@ def compare(job, base) -> dict:
                     rows.append(post_trained_row(job, base, plans[label], row, train_ids))
     report = {"model": args.model, "calibration": job.calib, "calibration_tokens": calib_ids.numel(),
               "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": rt.versions(),
+              **({"dense_latency": job.results["dense_latency"]} if job.latency else {}),
               **({"post_training": {**dataclasses.asdict(job.tc), "windows": train_ids.shape[0],
                                     "source": training_source(args.train_data, job.calib)}} if job.tc else {})}
     names = [x for n in names for x in ([n, f"{n} + {args.post_train}"] if job.tc else [n])]
@@ -690,6 +707,11 @@ def save_and_report(job: Job, model) -> dict:
                "total_seconds": round(time.perf_counter() - job.t_start, 2)}
     if post:
         summary.update(post_train=args.post_train, post_train_seconds=post["seconds"])
+    latency = None
+    if job.results.get("pruned_latency"):
+        latency = {"dense": job.results["dense_latency"], "pruned": job.results["pruned_latency"],
+                   "speedup": ev.speedup(job.results["dense_latency"], job.results["pruned_latency"])}
+        summary.update(speedup_prompt=latency["speedup"]["prompt"], speedup_generation=latency["speedup"]["generation"])
     if job.facts.get("host_peaks"):     # per phase, this process's own peak RSS (Linux)
         summary["host_peaks_gib"] = job.facts["host_peaks"]
     if job.facts.get("gpu_peaks"):      # per phase, peak reserved and allocated memory of this run's device
@@ -699,7 +721,8 @@ def save_and_report(job: Job, model) -> dict:
         ver["lm_eval"] = pruned["tasks"]["lm_eval_version"]
     results = {"model": args.model, "dtype": str(model.dtype), "device": args.device,
                "settings": dataclasses.asdict(job.settings), "dense": dense, "pruned": pruned,
-               "post_trained": trained, "summary": summary, "memory_plan": job.memory, "versions": ver}
+               "post_trained": trained, "latency": latency, "summary": summary, "memory_plan": job.memory,
+               "versions": ver}
     calib = job.plan_in["calibration"] if job.plan_in else {
         "source": job.calib, "tokens": job.calib_ids.numel(), "windows": job.calib_ids.shape[0],
         "seqlen": job.calib_ids.shape[1]}

@@ -19,9 +19,11 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-from come import ComeError, device_of, log, progress_bar, token_nll
+from come import ComeError, decoder_layers, device_of, log, progress_bar, token_nll
 from come_runtime import TASK_ITEM_TOKENS, cache_root, write_folder
 
 
@@ -629,6 +631,10 @@ def print_report(job, summary: dict) -> None:
     parts += [f"pruning {summary['prune_seconds']:.1f}s", f"peak RSS {summary['peak_rss_gib_after_pruning']:.2f} GiB"]
     if job.post:
         parts.append(f"post-training {job.post['seconds']:.1f}s (peak RSS {job.post['peak_rss_gib']:.2f} GiB)")
+    if summary.get("speedup_prompt") is not None:
+        print(describe_latency(job.results["dense_latency"], job.results["pruned_latency"]))
+        parts.append(f"speedup {summary['speedup_prompt']:.2f}x prompt, "
+                     f"{summary['speedup_generation']:.2f}x generation")
     if summary.get("host_peaks_gib") and job.memory:
         plan = job.memory["memory"]
         print("peak host GiB per phase, measured (planned): " + ", ".join(
@@ -636,6 +642,134 @@ def print_report(job, summary: dict) -> None:
             for name, gib in summary["host_peaks_gib"].items()))
     print(", ".join(parts + [f"saved to {job.save}"]))      # the one-line summary, last
 
+
+
+# ============================================================================ speed (--latency)
+@dataclasses.dataclass(frozen=True)
+class LatencySettings:
+    """[OURS] What --latency times: prompt processing of one sequence of `prompt` tokens, `iters` times, and generation
+    of `new` tokens for a batch of `gen_batch` prompts of `gen_prompt` tokens, `gen_iters` times; `warmup` untimed
+    runs before each."""
+    prompt: int = 2048
+    iters: int = 50
+    gen_batch: int = 64
+    gen_prompt: int = 64
+    new: int = 128
+    gen_iters: int = 10
+    warmup: int = 1
+
+
+# The SLEB protocol (also the CoMe authors' latency script) on a GPU; smaller sizes on a CPU, said in the output.
+LATENCY_GPU = LatencySettings()
+LATENCY_CPU = LatencySettings(prompt=512, iters=5, gen_batch=4, gen_prompt=32, new=32, gen_iters=3)
+
+
+def latency_settings(text: str | None, device: str) -> LatencySettings:
+    """--latency-sizes "prompt=2048,iters=50,..." over the device's defaults (LATENCY_GPU or LATENCY_CPU)."""
+    base = LATENCY_GPU if device.startswith("cuda") else LATENCY_CPU
+    if not text:
+        return base
+    names = {f.name for f in dataclasses.fields(LatencySettings)}
+    values = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in names or not value.isdigit() or (int(value) < 1 and key != "warmup"):
+            raise ComeError(f"--latency-sizes {text}: each item is NAME=N with N a positive integer (warmup may be "
+                            f"0), NAME one of {', '.join(sorted(names))}")
+        values[key] = int(value)
+    return dataclasses.replace(base, **values)
+
+
+def _repeat_times(run, device: torch.device, iters: int, warmup: int) -> list[float]:
+    """Seconds of each of `iters` calls of `run` after `warmup` untimed ones: CUDA events on a GPU (the kernels'
+    time on the device's stream), a monotonic clock on a CPU."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _timing(times: list[float], tokens: int) -> dict:
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    return {"seconds_median": median, "seconds_min": ordered[0], "seconds_max": ordered[-1], "repeats": len(times),
+            "tokens": tokens, "tokens_per_second": tokens / median if median > 0 else None}
+
+
+def forward_flops_per_token(model, context: int) -> int:
+    """Forward FLOPs per token of a prompt of `context` tokens: 2 per weight of every matrix multiplication (the
+    projections of each decoder layer and the LM head; the embedding is a lookup) plus causal attention, 2 x 2 x
+    (query width) x the mean number of keys a token attends to, (context + 1) / 2, for QK^T and the weighted sum."""
+    layers = decoder_layers(model)
+    matmul = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    matmul += model.get_output_embeddings().weight.numel()
+    width = sum(layer.self_attn.q_proj.out_features for layer in layers)
+    return 2 * matmul + 4 * width * (context + 1) // 2
+
+
+def measure_latency(model, settings: LatencySettings, seed: int = 0) -> dict:
+    """[OURS] --latency: prompt processing and generation times of `model` (random token ids, greedy decoding with
+    exactly settings.new new tokens), as median, min and max of the repeats and tokens per second; with the device,
+    the threads, the parameters and the forward FLOPs per token."""
+    dev = device_of(model.get_input_embeddings())
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, settings.prompt), generator=g).to(dev)
+    batch = torch.randint(0, model.config.vocab_size, (settings.gen_batch, settings.gen_prompt), generator=g).to(dev)
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+
+    def process_prompt() -> None:
+        model(prompt, use_cache=False)
+
+    def generate() -> None:
+        model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=settings.new,
+                       min_new_tokens=settings.new, do_sample=False, pad_token_id=pad)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # generation-config notes (sampling settings unused by greedy)
+        pp = _repeat_times(process_prompt, dev, settings.iters, settings.warmup)
+        tg = _repeat_times(generate, dev, settings.gen_iters, settings.warmup)
+    return {"prompt": _timing(pp, settings.prompt), "generation": _timing(tg, settings.gen_batch * settings.new),
+            "settings": dataclasses.asdict(settings), "device": str(dev), "threads": torch.get_num_threads(),
+            "layers": len(decoder_layers(model)), "params": sum(p.numel() for p in model.parameters()),
+            "flops_per_token": forward_flops_per_token(model, settings.prompt)}
+
+
+def speedup(dense: dict, pruned: dict) -> dict:
+    """Dense over pruned median time, for prompt processing and generation, beside the layer ratio."""
+    return {"prompt": dense["prompt"]["seconds_median"] / pruned["prompt"]["seconds_median"],
+            "generation": dense["generation"]["seconds_median"] / pruned["generation"]["seconds_median"],
+            "layers": dense["layers"] / pruned["layers"], "flops": dense["flops_per_token"] / pruned["flops_per_token"]}
+
+
+def describe_latency(dense: dict, pruned: dict) -> str:
+    """The lines a run prints for --latency."""
+    s, up = dense["settings"], speedup(dense, pruned)
+    default = "the SLEB protocol" if s == dataclasses.asdict(LATENCY_GPU) else \
+        "smaller CPU sizes" if s == dataclasses.asdict(LATENCY_CPU) else "--latency-sizes"
+    lines = [f"latency on {dense['device']} ({dense['threads']} threads; {default}: prompt {s['prompt']} tokens x "
+             f"{s['iters']}, generation {s['gen_batch']} x {s['gen_prompt']} + {s['new']} new tokens x "
+             f"{s['gen_iters']}; median [min, max] of the repeats)"]
+    for key, what in (("prompt", "prompt processing"), ("generation", "generation")):
+        d, p = dense[key], pruned[key]
+        lines.append(f"  {what:17s} dense {d['seconds_median']:.4f} s [{d['seconds_min']:.4f}, "
+                     f"{d['seconds_max']:.4f}] {d['tokens_per_second']:.1f} tok/s -> pruned {p['seconds_median']:.4f} "
+                     f"s [{p['seconds_min']:.4f}, {p['seconds_max']:.4f}] {p['tokens_per_second']:.1f} tok/s: "
+                     f"speedup {up[key]:.2f}x")
+    lines.append(f"  layers {dense['layers']} -> {pruned['layers']} (x{up['layers']:.2f}), parameters "
+                 f"{dense['params']:,} -> {pruned['params']:,}, forward GFLOPs per token "
+                 f"{dense['flops_per_token'] / 1e9:.3f} -> {pruned['flops_per_token'] / 1e9:.3f} (x{up['flops']:.2f})")
+    return "\n".join(lines)
 
 
 # ============================================================================ --compare report
@@ -677,13 +811,15 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
     gpu = any("peak_gpu_reserved_gib" in r for r in report["rows"])
     peaks = [("peak_host_gib", "peak host GiB")] * any("peak_host_gib" in r for r in report["rows"]) + \
         [("peak_gpu_reserved_gib", "peak GPU GiB (reserved)")] * gpu
-    head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups + ["pruning s"] \
-        + ["training s"] * trained + [name for _, name in peaks]
+    timed = any("speedup" in r for r in report["rows"])      # --latency
+    head = ["method"] + [x for src in sources for x in (label(src), "ln(PPL/dense)")] + groups \
+        + ["speedup prompt / generation"] * timed + ["pruning s"] + ["training s"] * trained \
+        + [name for _, name in peaks]
     lines = [f"# {report['model']}: methods x sparsity ({report['calibration_tokens']} calibration tokens of "
              f"{report.get('calibration')})", ""]
     dense_row = "| dense | " + " | ".join([x for src in sources for x in (
         f"{dense['ppl'][src]['ppl']:.2f}" if src in dense["ppl"] else "-", "0")]
-        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups]
+        + [f"{dense_groups[g]:.4f}" if g in dense_groups else "-" for g in groups] + ["1.00 / 1.00"] * timed
         + [""] * (1 + trained + len(peaks))) + " |"
     for s in sparsities:
         lines += [f"## s={s} ({report['targets'][s]} layers)", "", "| " + " | ".join(head) + " |",
@@ -697,12 +833,17 @@ def compare_markdown(report: dict, names: list[str], sparsities: list[float]) ->
             train = f"{r['train_seconds']:.1f}" if "train_seconds" in r else "-"
             times = [f"{r['prune_seconds']:.1f}"] + [train] * trained
             memory = [f"{r[key]:.2f}" if key in r else "-" for key, _ in peaks]
-            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, *times, *memory]) + " |")
+            up = [f"{r['speedup']['prompt']:.2f} / {r['speedup']['generation']:.2f}" if "speedup" in r else "-"] * timed
+            lines.append("| " + " | ".join([method_label(n), *ppl, *acc, *up, *times, *memory]) + " |")
         lines.append("")
     lines.append("Accuracy: " + AVERAGE_CONVENTION.replace("unweighted mean over tasks of ", "") + "; the offline "
                  "suite averages its tasks. Pruning time excludes evaluation; weightsum replays CoMe's windows."
                  + (" Peak memory is each row's own: a pruning row's covers its run (copy, pruning, evaluations), a "
                     "trained row's its copy, training and evaluation." if peaks else ""))
+    if timed:
+        dense_latency = report["dense_latency"]
+        lines.append("Speedup: the dense model's median time over the row's, timed in the same run; "
+                     + describe_latency(dense_latency, dense_latency).splitlines()[0].removeprefix("latency ") + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -407,7 +407,7 @@ def parameter_counts(config_json: str) -> tuple[int, int, int]:
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
                 budget: dict[str, float], placement: str = "auto", mapped: bool = False, offload: int = 0,
                 models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False,
-                save_dtype: torch.dtype | None = None) -> dict:
+                save_dtype: torch.dtype | None = None, latency=None) -> dict:
     """Peak GPU, host and disk memory of each phase from the config alone, and the placements that fit `budget`.
 
     prune: the weights and the hidden-state cache at every boundary, plus the largest transient: one window through
@@ -438,6 +438,12 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     layer_activations = seqlen * (3 * f + 2 * d) * e
     nll_logits = 512 * V * 4 * 2
     evaluation = max(layer_activations + nll_logits, tasks[0] * tasks[1] * V * 2 * e if tasks else 0)
+    if latency:     # --latency: a whole prompt's logits and activations; the generation batch's KV cache and logits
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+        evaluation = max(evaluation, latency.prompt * (V * e + 3 * f * e + 2 * d * e),     # the dense model: L layers
+                         latency.gen_batch * (latency.gen_prompt + latency.new) * L * 2 * kv_heads * head_dim * e
+                         + latency.gen_batch * V * 4 * 2)
     harness = LM_EVAL_GIB * GIB * bool(tasks)          # lm-eval's own host memory once tasks run
     suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco")
     transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
@@ -511,7 +517,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
 
 def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
               budget: dict[str, float], placement: str = "auto", mapped: bool = False, offload: int | None = None,
-              models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False):
+              models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False, latency=None):
     """(the plan, tc with sp's training memory): the fewest offloaded decoder layers that make the GPU phases fit
     (`offload` fixes the number), then sp's first training memory that fits (plain, checkpoint, offload); a plan
     that still does not fit carries `hints`, what would make it fit."""
@@ -527,7 +533,7 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
         for memory, count in tries:
             chosen = dataclasses.replace(tc, memory=memory, offload_count=count) if memory else tc
             plan = memory_plan(config, dtype, device, windows, seqlen, target, cfg, chosen, budget, placement, mapped,
-                               layers, models, tasks, eval_while_pruning, save_dtype)
+                               layers, models, tasks, eval_while_pruning, save_dtype, latency)
             if not plan["problems"]:
                 break
         gpu_short = max(v["gpu_gib"] for v in plan["memory"].values()) * GIB > budget["gpu"]
@@ -547,7 +553,7 @@ def place_run(config, dtype: torch.dtype, device: str, windows: int, seqlen: int
             if chosen.train_all:        # fp32 weights, gradients and AdamW moments: 16 bytes a trained parameter
                 merged, _ = place_run(config, dtype, device, windows, seqlen, target, cfg,
                                       dataclasses.replace(tc, train_all=False), budget, placement, mapped, offload,
-                                      models, tasks, eval_while_pruning)
+                                      models, tasks, eval_while_pruning, latency)
                 sp = merged["memory"]["post_train"]
                 hints.append(f"--no-train-all trains the {config.num_hidden_layers - target} merged layers instead of "
                              f"all {target} ({sp['gpu_gib']:.1f} GiB GPU, {sp['host_gib']:.1f} GiB host): training "

@@ -1238,6 +1238,7 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
     monkeypatch.setitem(come.PRUNERS, "come", counted)
     report = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--eval-ppl", calib_txt, "--compare", names,
                  "--sparsities", "0.15,0.3", "--tasks", "come_mc", "--task-path", TINY / "tasks", "--limit", 4,
+                 "--latency", "--latency-sizes", "prompt=16,iters=1,gen_batch=1,gen_prompt=4,new=2,gen_iters=1",
                  "--save", tmp_path / "cmp")
     out = tmp_path / "cmp"
     assert {f.name for f in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "plans"}
@@ -1267,6 +1268,10 @@ def test_compare_writes_reports_and_plans_that_replay_and_weightsum_reuses_come_
     acc = row["tasks"]["tasks"]["come_mc"]["acc_norm"]
     assert f"| weightsum | {ppl:.2f} | {math.log(ppl / dense):.3f} | {acc:.4f} |" in md
     assert "## s=0.3 (5 layers)" in md and "(calibration domain)" in md and "| ReplaceMe (LS) |" in md
+    assert all(r["latency"]["layers"] == r["layers"] and r["speedup"]["layers"] == 7 / r["layers"]
+               for r in report["rows"]) and report["dense_latency"]["layers"] == 7
+    up = row["speedup"]
+    assert f"| {acc:.4f} | {up['prompt']:.2f} / {up['generation']:.2f} |" in md and "Speedup: the dense" in md
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -2446,6 +2451,62 @@ def test_lm_eval_local_task_on_in_memory_pruned_model_matches_naive_loglikelihoo
     assert res["average"] == task["acc_norm"]
 
 
+def literal_flops_per_token(config, layers: int, context: int) -> int:
+    """2 FLOPs per weight of every projection and the LM head, from the config's shapes, and causal attention:
+    4 x (heads x head_dim) x (context + 1) / 2 per layer (QK^T and the weighted sum over the mean causal context)."""
+    d, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    kv = config.num_key_value_heads
+    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * f       # q, o; k, v; gate, up, down
+    return 2 * (layers * per_layer + config.vocab_size * d) + 4 * layers * heads * hd * (context + 1) // 2
+
+
+def test_latency_times_only_the_model_s_forwards_and_the_speedup_follows_the_layers(monkeypatch):
+    """--latency against a clock that advances one tick per decoder-layer forward: each timed prompt pass reads L
+    ticks (warm-up outside every repeat), a generation of n new tokens n x L, so the speedup of a model without 2
+    of its 7 layers is 7 / 5 for both; FLOPs per token equal a literal count from the config."""
+    ticks = [0]
+    monkeypatch.setattr(come_eval.time, "perf_counter", lambda: float(ticks[0]))
+    settings = come_eval.LatencySettings(prompt=12, iters=3, gen_batch=2, gen_prompt=5, new=4, gen_iters=2, warmup=1)
+    results = []
+    for keep in (range(7), [0, 1, 2, 4, 6]):
+        model = make_tiny("llama-gqa")
+        come.keep_layers(model, list(keep))
+        for layer in model.model.layers:
+            layer.register_forward_hook(lambda *_: ticks.__setitem__(0, ticks[0] + 1))
+        results.append(come_eval.measure_latency(model, settings))
+        n = len(keep)
+        r = results[-1]
+        assert r["prompt"]["seconds_min"] == r["prompt"]["seconds_max"] == r["prompt"]["seconds_median"] == n
+        assert r["generation"]["seconds_median"] == r["generation"]["seconds_max"] == 4 * n
+        assert r["prompt"]["repeats"] == 3 and r["generation"]["repeats"] == 2
+        assert r["generation"]["tokens_per_second"] == pytest.approx(2 * 4 / (4 * n))
+        assert r["flops_per_token"] == literal_flops_per_token(model.config, n, 12)
+        assert r["params"] == come.count_params(model) and r["device"] == "cpu"
+    up = come_eval.speedup(*results)
+    assert up["prompt"] == up["generation"] == up["layers"] == pytest.approx(7 / 5)
+    text = come_eval.describe_latency(*results)
+    assert "speedup 1.40x" in text and "--latency-sizes" in text
+    assert come_eval.latency_settings(None, "cpu") == come_eval.LATENCY_CPU
+    assert come_eval.latency_settings("prompt=64,warmup=0", "cuda:0") == dataclasses.replace(
+        come_eval.LATENCY_GPU, prompt=64, warmup=0)
+
+
+def test_cli_latency_reports_dense_and_pruned_times_and_the_speedup(tiny_folder, calib_txt, tmp_path, capsys):
+    sizes = "prompt=16,iters=2,gen_batch=2,gen_prompt=4,new=2,gen_iters=1,warmup=0"
+    plan = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
+               "--eval-ppl", "none", "--latency", "--latency-sizes", sizes, "--save", tmp_path / "o")
+    latency = plan["results"]["latency"]
+    assert latency["dense"]["layers"] == 7 and latency["pruned"]["layers"] == 4
+    assert latency["speedup"]["prompt"] == pytest.approx(latency["dense"]["prompt"]["seconds_median"]
+                                                         / latency["pruned"]["prompt"]["seconds_median"])
+    assert latency["dense"]["settings"]["prompt"] == 16 and latency["dense"]["threads"] == torch.get_num_threads()
+    out = capsys.readouterr().out
+    assert "latency on cpu" in out and "speedup" in out.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())["summary"]
+    assert summary["speedup_prompt"] == latency["speedup"]["prompt"]
+
+
 def test_results_file_has_every_field_and_dense_results_are_cached(tiny_folder, calib_txt, tmp_path, capsys):
     args = ["--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 64, "--target-layers", 5,
             "--eval-ppl", calib_txt, "--tasks", "come_mc", "--task-path", TINY / "tasks", "--limit", 8]
@@ -2514,6 +2575,8 @@ def expect_error(capsys, *args, match):
     (["--method", "come+", "--repair-alpha", "0"], "must be a positive number or auto"),
     (["--method", "come+", "--repair-alpha", "often"], "must be a positive number or auto"),
     (["--repair-o"], "add --repair lstsq or scale"),
+    (["--latency", "--latency-sizes", "prompt=0"], "N a positive integer"),
+    (["--latency-sizes", "tokens=8"], "NAME one of"),
 ])
 def test_bad_depth_and_method_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
     expect_error(capsys, "--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--save", tmp_path / "o", *args,
