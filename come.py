@@ -111,6 +111,8 @@ class ComeConfig:
     repair_o: bool = False               # [OURS] refit self_attn.o_proj too (first, the MLP held fixed)
     score_windows: int | None = None     # [OURS] calibration windows the NLL-based choices read (None: all)
     repair_floor: int | None = None      # [OURS] come+'s token rule: tokens per d_ff below which the ridge grows
+    weight_reduction: str = "sum"        # taylor / magnitude: over a weight's rows (the authors' default)
+    block_reduction: str = "sum"         # taylor / magnitude: over a block's weights (the authors' default)
 
     def tokens_for_sbi(self) -> str:
         return self.sbi_tokens or ("all" if self.method == "come-p" else "last")
@@ -1370,6 +1372,25 @@ def drop_blocks_repaired(model, cache: HiddenStates, tree, drop: list[int], cfg:
     return {"steps": steps, "tree": tree, "tensors": tensors}
 
 
+def drop_in_order(model, calib_ids, order: list[int], n: int, cfg: ComeConfig, scores: dict[str, list[float]],
+                  cache: HiddenStates | None = None, cache_device="cpu", on_depth=None, t0: float = 0.0) -> dict:
+    """Remove the first n layers of `order` (original indices) in one shot, each step recording its layer's
+    `scores`; the same set at any depth. [OURS] With --repair every contiguous block of them is repaired once
+    (drop_blocks_repaired), from `cache` when the caller has one."""
+    tree = [[i] for i in range(len(decoder_layers(model)))]
+    if cfg.repair != "none":
+        if cache is None:
+            cache = HiddenStates(model, calib_ids, cache_device)
+            cache.refresh(0, desc="states")
+        return drop_blocks_repaired(model, cache, tree, order[:n], cfg, on_depth, t0)
+    steps, alive = [], list(range(len(tree)))     # the original layer behind each current layer
+    for orig in order[:n]:
+        steps.append(drop_layers(model, tree, alive.index(orig), 1, **{k: v[orig] for k, v in scores.items()}))
+        alive.remove(orig)
+        _notify(on_depth, model, t0)
+    return {"steps": steps, "tree": tree}
+
+
 def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
     """ShortGPT: drop the layers with the lowest Block Influence of the dense model, in one shot.
 
@@ -1380,17 +1401,101 @@ def shortgpt_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_
     cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="BI statistics")
     bi = block_influence(cache.states, cache.device)
-    tree, steps = [[i] for i in range(len(bi))], []
-    drop = sorted(range(len(bi)), key=lambda l: (bi[l], l))[:len(bi) - target_layers]
-    if cfg.repair != "none":
-        return drop_blocks_repaired(model, cache, tree, drop, cfg, on_depth, t0)
-    del cache
-    alive = list(range(len(bi)))        # the original layer behind each current layer
-    for orig in drop:                   # lowest BI first: the same set at any depth
-        steps.append(drop_layers(model, tree, alive.index(orig), 1, bi=bi[orig]))
-        alive.remove(orig)
-        _notify(on_depth, model, t0)
-    return {"steps": steps, "tree": tree}
+    order = sorted(range(len(bi)), key=lambda l: (bi[l], l))
+    return drop_in_order(model, calib_ids, order, len(bi) - target_layers, cfg, {"bi": bi},
+                         cache if cfg.repair != "none" else None, cache_device, on_depth, t0)
+
+
+# Shortened LLaMA (Kim et al., 2024) scores whole blocks and drops the least important in one shot; its "+" forms
+# never drop the first 4 and the last 2 layers unless nothing else is left.
+KEEP_FIRST, KEEP_LAST = 4, 2
+REDUCTIONS = ("sum", "mean", "max")     # the authors also list a product: it overflows for any real layer
+
+
+def heuristic_order(order: list[int], n_layers: int) -> list[int]:
+    """The "+" forms: the first KEEP_FIRST and the last KEEP_LAST layers move to the end of a removal order."""
+    kept = list(range(KEEP_FIRST)) + list(range(n_layers - KEEP_LAST, n_layers))
+    return [l for l in order if l not in kept] + [l for l in kept if l in order]
+
+
+def _reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+    if how not in REDUCTIONS:
+        raise ComeError(f"unknown reduction '{how}' (one of {', '.join(REDUCTIONS)})")
+    return values.amax(0) if how == "max" else getattr(values, how)(0)
+
+
+def block_importance(layer: nn.Module, criterion: str, weight_reduction: str, block_reduction: str,
+                     power: int = 1) -> float:
+    """Shortened LLaMA's importance of one block from its weights W (magnitude: |W|; taylor: |W * dL/dW|, the
+    gradient in W.grad): for every projection weight the p-th powers summed over each output row's inputs, then
+    reduced over the rows (`weight_reduction`); for every norm weight the p-th powers reduced; those numbers reduced
+    over the block's weights (`block_reduction`)."""
+    per_weight = []
+    for name, w in layer.named_parameters():
+        if not name.endswith("weight") or not ("proj" in name or "norm" in name):
+            continue
+        value = w.detach().float() * (w.grad.float() if criterion == "taylor" else 1)
+        value = value.abs().pow(power)
+        per_weight.append(_reduce(value.sum(1) if "proj" in name else value, weight_reduction))
+    return _reduce(torch.stack(per_weight), block_reduction).item()
+
+
+def calibration_gradients(model, calib_ids: torch.Tensor) -> None:
+    """dL/dW of every decoder-layer weight into W.grad, L = the sum of the calibration windows' mean token losses
+    (one window at a time, activations recomputed per layer in backward)."""
+    # DEVIATION: the gradient of the whole calibration loss, read once; the authors' code adds a score after every
+    # window while the gradients of all earlier windows are still summed in (never zeroed).
+    dev, was_training = device_of(model.get_input_embeddings()), model.training
+    wanted = {p: p.requires_grad for p in model.parameters()}      # given back as found
+    model.requires_grad_(False)
+    decoder_layers(model).requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    if hasattr(model, "activation_checkpointing_enable"):      # transformers >= 5.x names it so
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()       # transformers checkpoints layers in training mode only; these families have no dropout
+    try:
+        for i in progress_bar(range(calib_ids.shape[0]), "gradients", total=calib_ids.shape[0]):
+            ids = calib_ids[i:i + 1].to(dev)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.train(was_training)
+        for p, flag in wanted.items():
+            p.requires_grad_(flag)
+
+
+def shortened_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """Shortened LLaMA's one-shot block criteria as the CoMe authors run them (taylor, magnitude; their "+" forms:
+    heuristic_order): drop the blocks of lowest block_importance (taylor: from the gradient of the calibration loss;
+    magnitude: from the weights alone). [OURS] With --repair each contiguous block of dropped layers is repaired once.
+    """
+    t0, criterion, L = time.perf_counter(), cfg.method.rstrip("+"), len(decoder_layers(model))
+    cfg = token_rule(cfg, calib_ids, model)
+    if criterion == "taylor":
+        calibration_gradients(model, calib_ids)
+    with torch.no_grad():
+        scores = [block_importance(layer, criterion, cfg.weight_reduction, cfg.block_reduction)
+                  for layer in decoder_layers(model)]
+    model.zero_grad(set_to_none=True)
+    order = sorted(range(L), key=lambda l: (scores[l], l))
+    order = heuristic_order(order, L) if cfg.method.endswith("+") else order
+    return drop_in_order(model, calib_ids, order, L - target_layers, cfg, {"importance": scores},
+                         cache_device=cache_device, on_depth=on_depth, t0=t0)
+
+
+def ppl_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """Shortened LLaMA's PPL criterion: each block scored once, on the dense model, by the calibration NLL of the
+    model without it (SLEB's first step); the blocks of lowest NLL are dropped in one shot."""
+    t0 = time.perf_counter()
+    cfg = token_rule(cfg, calib_ids, model)
+    cache = HiddenStates(model, calib_ids, cache_device, cfg.score_windows)
+    cache.refresh(0, desc="dense states")
+    nll = skip_nll(cache, 1)
+    order = sorted(range(len(nll)), key=lambda l: (nll[l], l))
+    return drop_in_order(model, calib_ids, order, len(nll) - target_layers, cfg, {"nll": nll},
+                         cache if cfg.repair != "none" else None, cache_device, on_depth, t0)
 
 
 def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
@@ -1552,9 +1657,11 @@ def weightsum_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
 
 PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "shortgpt": shortgpt_prune,
            "sleb": sleb_prune, "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune,
-           "replaceme": replaceme_prune}
+           "replaceme": replaceme_prune, "taylor": shortened_prune, "taylor+": shortened_prune,
+           "magnitude": shortened_prune, "magnitude+": shortened_prune, "ppl": ppl_prune}
 COME_METHODS = ("come", "come-p", "come+")
-DROPPERS = ("shortgpt", "sleb", "reverse", "replaceme")        # methods that remove layers instead of merging them
+DROPPERS = ("shortgpt", "sleb", "reverse", "replaceme", "taylor", "taylor+", "magnitude", "magnitude+", "ppl")
+# (methods that remove layers instead of merging them)
 
 
 def span_for(method: str, span: int | None) -> int:

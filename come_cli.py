@@ -23,9 +23,10 @@ from transformers import AutoConfig, AutoTokenizer
 
 import come_eval as ev          # data and evaluation (text sources, perplexity, lm-eval tasks, reports)
 import come_runtime as rt       # machinery beyond the method: files, devices, memory plan
-from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES, TRAIN_WINDOWS,
-                  ComeConfig, ComeError, TrainConfig, apply_plan, check_supported, come_plus, count_params,
-                  decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train, replay_step, span_for)
+from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REDUCTIONS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES,
+                  TRAIN_WINDOWS, ComeConfig, ComeError, TrainConfig, apply_plan, check_supported, come_plus,
+                  count_params, decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train,
+                  replay_step, span_for)
 
 
 # --compare names beyond the methods: come with --fold-norms, and [OURS] drop baselines with come+'s repair
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-layers", type=int, help="number of decoder layers to keep (instead of --sparsity)")
     g.add_argument("--method", choices=tuple(PRUNERS), default="come",
                     help="come (default), come-p, come+ (ours, beyond the paper), or a baseline: shortgpt, sleb, "
-                         "laco, weightsum, reverse")
+                         "laco, weightsum, reverse, replaceme, taylor, magnitude (+: never the first 4 and last 2 "
+                         "layers), ppl")
     g.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
     g.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
     g.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p", type=float, help="F_merge exponent (default 1, or the paper's preset)")
     g.add_argument("--rho", type=float, help="F_merge floor (default 0, or the paper's preset)")
     g.add_argument("--granularity", type=int, default=20, help="CoMe-P ratio grid size (default 20)")
+    g.add_argument("--weight-reduction", choices=REDUCTIONS, default="sum",
+                   help="taylor / magnitude: reduction over a weight's rows (default sum, as the authors' code)")
+    g.add_argument("--block-reduction", choices=REDUCTIONS, default="sum",
+                   help="taylor / magnitude: reduction over a block's weights (default sum)")
     g.add_argument("--fold-norms", action="store_true", help="fold source RMSNorm weights into kept rows [ours]")
     g.add_argument("--repair", choices=("none", "lstsq", "scale"), default="none",
                     help="refit each merged layer's down_proj to the window's output: lstsq (ridge) or scale "
@@ -393,7 +399,8 @@ def prepare(args) -> Job:
                      rho=args.rho if args.rho is not None else preset.get("rho", 0.0),
                      granularity=args.granularity, fold_norms=args.fold_norms, repair=args.repair,
                      repair_alpha=args.repair_alpha, repair_target=args.repair_target, repair_o=args.repair_o,
-                     score_windows=args.score_windows)
+                     score_windows=args.score_windows, weight_reduction=args.weight_reduction,
+                     block_reduction=args.block_reduction)
     cfg = come_plus(cfg) if args.method == "come+" else cfg
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -622,9 +629,11 @@ def post_trained_row(job: Job, base, plan: dict, pruned_row: dict, train_ids: to
 
 def progressive(method: str, cfg) -> bool:
     """Whether one run to the deepest target passes through every shallower target (so --compare evaluates on the
-    way). ReplaceMe replaces one block sized for its target, and a repaired ShortGPT / reverse drop is repaired once
-    per block of its target: those run once per target from the base model."""
-    return method != "replaceme" and not (method in ("shortgpt", "reverse") and cfg.repair != "none")
+    way). ReplaceMe replaces one block sized for its target, and a repaired one-shot drop (ShortGPT, reverse, the
+    Shortened LLaMA criteria) is repaired once per block of its target: those run once per target from the base
+    model."""
+    one_shot = ("shortgpt", "reverse", "taylor", "taylor+", "magnitude", "magnitude+", "ppl")
+    return method != "replaceme" and not (method in one_shot and cfg.repair != "none")
 
 
 def compare(job, base) -> dict:

@@ -445,7 +445,8 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                          latency.gen_batch * (latency.gen_prompt + latency.new) * L * 2 * kv_heads * head_dim * e
                          + latency.gen_batch * V * 4 * 2)
     harness = LM_EVAL_GIB * GIB * bool(tasks)          # lm-eval's own host memory once tasks run
-    suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco")
+    suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco",
+                                                                                                    "ppl")
     transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
                  # merged + candidate layer; concat_merge's largest weight: the result in fp32 (and the cast), plus
                  # fp32 copies of both sources when they are not fp32 or when norms are folded into them
@@ -457,6 +458,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  "refit": repair * (per_layer * 8 * (e != 4) + (f * f * 4 + d * f * 5 + seqlen * (f + 3 * d)
                                     + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
                  "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
+                 # taylor: every decoder weight's gradient, each layer's checkpointed input, one layer's activations
+                 # recomputed in backward, and the logits with their log-softmax and gradient in float32
+                 "calibration gradients": (L * per_layer * e + seqlen * (L * d + 12 * d + 6 * f) * e
+                                           + seqlen * V * 4 * 3) * cfg.method.startswith("taylor"),
                  "evaluation": evaluation * eval_while_pruning}
     phases, runtime, slack = {}, RUNTIME_GIB * GIB, 1 + ALLOCATOR_RESERVE * gpu
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:

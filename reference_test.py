@@ -841,10 +841,12 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
                                    ["--skip-score", "merge", "--span", "3", "--repair", "scale", "--repair-o"],
                                    ["--method", "sleb", "--repair", "lstsq"], ["--method", "shortgpt", "--repair",
                                                                                "lstsq"],
-                                   ["--method", "reverse", "--repair", "scale"], ["--method", "replaceme"]],
+                                   ["--method", "reverse", "--repair", "scale"], ["--method", "replaceme"],
+                                   ["--method", "taylor+"], ["--method", "magnitude", "--repair", "lstsq"],
+                                   ["--method", "ppl"]],
                          ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum", "come+",
                               "merge-score-span3-scale-o", "sleb-repair", "shortgpt-repair", "reverse-repair",
-                              "replaceme"])
+                              "replaceme", "taylor+", "magnitude-repair", "ppl"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -948,7 +950,8 @@ def model():
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
 ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
-for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum", "replaceme", "sleb+repair"):
+for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum", "replaceme", "sleb+repair",
+             "taylor+", "magnitude", "ppl"):
     method = name.split("+repair")[0] if name.endswith("repair") else name
     cfg = come.ComeConfig(method=method, span=come.span_for(method, None), granularity=2,
                           repair="lstsq" if name.endswith("repair") else "none")
@@ -960,6 +963,7 @@ plan = come.come_prune(student, ids, 4, come.ComeConfig())
 for mode in ("mp", "sp"):
     rows = come.post_train(student, teacher, plan["tree"], ids, come.TrainConfig(mode=mode, lr=1e-3))["layers"]
     out[mode] = all(r["loss_after"] < r["loss_before"] for r in rows)
+out["best"] = come.TrainConfig.from_recipe("best", seqlen=None).targets
 try:
     come.HiddenStates(model(), ids, "disk")
 except come.ComeError as e:
@@ -981,9 +985,10 @@ def test_come_py_alone_prunes_with_every_method_and_post_trains(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = eval(run.stdout.strip().splitlines()[-1])
-    assert {k: v for k, v in out.items() if k not in ("mp", "sp", "disk", "modules")} == {
+    assert {k: v for k, v in out.items() if k not in ("mp", "sp", "disk", "modules", "best")} == {
         name: 4 for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum",
-                             "replaceme", "sleb+repair")}
+                             "replaceme", "sleb+repair", "taylor+", "magnitude", "ppl")}
+    assert out["best"] == "output"           # a lone copy builds the best recipe's settings
     assert out["mp"] and out["sp"] and out["modules"] == ["come"]
     assert "come_runtime.py next to come.py" in out["disk"]
     cli_run = subprocess.run([sys.executable, "-I", "come.py", "--help"], cwd=tmp_path, env=env, capture_output=True,
@@ -1194,6 +1199,73 @@ def test_replaceme_block_and_transform_equal_brute_force_and_literal_least_squar
     stock.load_state_dict(state, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, stock(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def naive_block_importance(layer, criterion: str, grads: dict, weight_reduction: str, block_reduction: str) -> float:
+    """Shortened LLaMA's block importance written out in float64: each projection weight's |W| (taylor: |W * dL/dW|)
+    summed along every row, the row sums reduced; each norm weight's entries reduced; then reduced over the block."""
+    reduce = {"sum": math.fsum, "mean": lambda xs: math.fsum(xs) / len(xs), "max": max}
+    per_weight = []
+    for name, w in layer.named_parameters():
+        if not name.endswith("weight"):
+            continue
+        value = (w.detach().double() * (grads[name].double() if criterion == "taylor" else 1)).abs()
+        if "proj" in name:
+            per_weight.append(reduce[weight_reduction]([math.fsum(row.tolist()) for row in value]))
+        elif "norm" in name:
+            per_weight.append(reduce[weight_reduction](value.tolist()))
+    return reduce[block_reduction](per_weight)
+
+
+def literal_removal(scores: list[float], n: int, plus: bool) -> list[int]:
+    """The n layers of lowest score; with plus, layers 0-3 and the last two only after every other layer."""
+    L = len(scores)
+    order = sorted(range(L), key=lambda l: (scores[l], l))
+    if plus:
+        protected = [0, 1, 2, 3, L - 2, L - 1]
+        order = [l for l in order if l not in protected] + protected
+    return order[:n]
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa"])
+@pytest.mark.parametrize("method,reductions", [("taylor", ("sum", "sum")), ("taylor+", ("mean", "max")),
+                                               ("magnitude", ("sum", "sum")), ("magnitude+", ("max", "mean"))])
+def test_shortened_llama_criteria_equal_a_literal_block_importance(method, reductions, family):
+    """taylor: the gradient of the whole calibration loss (the sum of each window's mean loss, from a stock forward
+    without checkpointing), never a running sum read after every window; magnitude: the weights alone. The removed
+    layers are the lowest literal scores ("+": the first 4 and the last 2 last)."""
+    base = make_tiny(family)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(6))
+    grads = [{} for _ in base.model.layers]
+    if method.startswith("taylor"):
+        oracle = copy.deepcopy(base)
+        total = sum(oracle(ids[i:i + 1], labels=ids[i:i + 1]).loss for i in range(3))
+        names = [(j, n, p) for j, layer in enumerate(oracle.model.layers) for n, p in layer.named_parameters()]
+        for (j, n, _), g in zip(names, torch.autograd.grad(total, [p for _, _, p in names])):
+            grads[j][n] = g
+    want = [naive_block_importance(layer, method.rstrip("+"), g, *reductions)
+            for layer, g in zip(base.model.layers, grads)]
+    model = copy.deepcopy(base)
+    cfg = come.ComeConfig(method=method, weight_reduction=reductions[0], block_reduction=reductions[1])
+    plan = come.PRUNERS[method](model, ids, 4, cfg)
+    removed = literal_removal(want, 3, method.endswith("+"))
+    assert [s["importance"] for s in plan["steps"]] == pytest.approx([want[l] for l in removed], rel=1e-4)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())     # as found: no gradient kept
+    with torch.no_grad():           # the model is the base without exactly those layers
+        assert torch.equal(model(ids).logits, drop_copy(base, removed)(ids).logits)
+
+
+def test_ppl_criterion_drops_the_blocks_whose_single_removal_costs_the_least_calibration_nll():
+    """Shortened LLaMA's PPL criterion: every block scored once on the dense model by a stock forward without it."""
+    base = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(7))
+    want = [whole_model_nll(drop_copy(base, [l]), ids) for l in range(7)]
+    model = copy.deepcopy(base)
+    plan = come.ppl_prune(model, ids, 4, come.ComeConfig(method="ppl"))
+    removed = literal_removal(want, 3, plus=False)
+    assert [s["nll"] for s in plan["steps"]] == pytest.approx([want[l] for l in removed], rel=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, drop_copy(base, removed)(ids).logits)
 
 
 def test_weightsum_with_ratio_one_zero_is_the_first_layer():
