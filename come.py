@@ -24,7 +24,9 @@ Paper map
                                                         teacher_states, mp_learning_rates, original_spans
     baselines (§13)                                  -> shortgpt_prune, sleb_prune, laco_prune (rdsc_merge),
                                                         weightsum_prune (weighted_sum_merge), reverse_prune,
-                                                        replaceme_prune (ReplaceMe, Shopkhoev et al. 2025)
+                                                        replaceme_prune (ReplaceMe, Shopkhoev et al. 2025),
+                                                        shortened_prune (taylor, magnitude: block_importance),
+                                                        ppl_prune (Shortened LLaMA, Kim et al. 2024)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
                                                         come_cli.py: main -> run (one call a phase); compare
   [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
@@ -49,6 +51,7 @@ Paper map
     BI only from the last merge on, on the device    -> measure (MergeRun.stale_from), block_influence(device=)
     --compare --post-train (every start, one recipe) -> come_cli.py: compare, post_trained_row
     --train-data calib+austen (texts mixed)          -> come_cli.training_source, come_eval.mixed_windows, austen_rows
+    --latency (prompt and generation speed)          -> come_eval.measure_latency, speedup
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
     1. GQA: the query heads of KV group k are heads k*g .. k*g+g-1 (repeat-interleave); the authors tile the mask.
@@ -60,6 +63,7 @@ Deviations from the authors' code (each marked `# DEVIATION:` below):
     7. Statistics are running fp32 sums captured by hooks; activations are never copied or stored per token.
     8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (§7).
     9. CoMe-mp trains its merged layers one after another, not interleaved per batch (same result, less memory).
+   10. Taylor: the gradient of the whole calibration loss, read once; the authors' never zeroed gradients are not.
 Interpretations where neither source fixes the detail are marked `# INTERPRETATION:`.
 """
 from __future__ import annotations
@@ -1684,9 +1688,12 @@ def progress_bar(iterable, desc: str, total: int | None = None):
 
 
 def device_of(module: nn.Module) -> torch.device:
-    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'."""
+    """Where `module` computes: its accelerate hook's execution device under a device_map, else its weights'; a GPU
+    always with its index (a bare "cuda" from a device_map means the current GPU), so that every CUDA call names one."""
     dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    return torch.device(dev) if dev is not None else next(module.parameters()).device
+    dev = next(module.parameters()).device if dev is None else torch.device("cuda", dev) if isinstance(dev, int) \
+        else torch.device(dev)      # accelerate names a GPU by its index
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 def offloaded(module: nn.Module) -> bool:

@@ -2332,6 +2332,19 @@ def test_a_host_cache_of_a_gpu_model_synchronizes_every_gpu_that_wrote_to_it(spl
     assert cuda.calls == want * 2
 
 
+def test_a_bare_cuda_from_a_device_map_is_resolved_to_the_current_gpu_before_any_cuda_call(monkeypatch):
+    """Library use: a layer whose accelerate hook says "cuda" (device_map={"": "cuda"}) computes on the current GPU;
+    device_of names it with its index, so that set_device (which refuses "cuda") and synchronize accept it."""
+    cuda = StrictFakeCuda(monkeypatch, count=2)
+    cuda.set_device(1)
+    layer = make_tiny("llama-gqa").model.layers[0]
+    layer._hf_hook = type("Hook", (), {"execution_device": "cuda"})()
+    assert come.device_of(layer) == torch.device("cuda:1")
+    torch.cuda.set_device(come.device_of(layer))         # the strict fake refuses an index-less device
+    layer._hf_hook.execution_device = 0
+    assert come.device_of(layer) == torch.device("cuda:0")
+
+
 def test_a_cuda_device_the_machine_lacks_is_refused_and_the_current_gpu_is_kept(tiny_folder, calib_txt, tmp_path,
                                                                                monkeypatch, capsys):
     cuda = StrictFakeCuda(monkeypatch, count=2)
@@ -2827,7 +2840,10 @@ def test_gpu_acceptance_script_runs_every_phase_on_a_small_model_on_the_cpu(tmp_
     assert all("error" not in r and r["planned_host_gib"] > 0 and r["peak_rss_gib"] > 0 for r in rows), rows
     assert {r["cache"] for r in rows[:3]} == {"host", "disk"} and rows[-1]["offload_layers"] == 2
     saved = json.loads((tmp_path / "out" / "acceptance.json").read_text())
-    assert len(saved["rows"]) == 9 and (tmp_path / "out" / "acceptance.md").read_text() == text
+    assert len(saved["rows"]) == 10 and (tmp_path / "out" / "acceptance.md").read_text() == text
+    timed = [r for r in rows if r["phase"].startswith("--latency")]
+    # the 0.3 plan leaves 1 of the 6 layers of this narrow shape (its 32,000-token embeddings are most parameters)
+    assert len(timed) == 1 and timed[0]["speedup"]["layers"] == 6 and "speedup" in text
     assert acceptance.main(["--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
 
 

@@ -11,8 +11,9 @@ is data/moby_dick.txt. On a GPU larger than the budget, torch.cuda.set_per_proce
 and --gpu-gib tells the plan, so a run that would not fit an A100-40GB fails here as it would there.
 
 Phases (each one come.py process): prune with the hidden-state cache on the GPU, in host memory and on disk;
-come+; one CoMe-P step; CoMe-mp and CoMe-sp (FSDP2 CPU offload) and --post-train best on the pruned plan; and a
-prune with 8 decoder layers offloaded (--offload-layers 8, forced) and the cache in host memory under a 16 GiB budget.
+come+; one CoMe-P step; CoMe-mp and CoMe-sp (FSDP2 CPU offload) and --post-train best on the pruned plan; the
+speed of the pruned model against the dense one (--latency, SLEB's protocol); and a prune with 8 decoder layers
+offloaded (--offload-layers 8, forced) and the cache in host memory under a 16 GiB budget.
 The memory cap applies to the run's device; come.py releases the allocator's cache between phases, so each phase's
 peak reserved memory is its own and is judged against that phase's plan. For each: planned GPU and host
 GiB, measured peak reserved and allocated GPU memory and peak host RSS, wall time. Exit status 1 when a measured
@@ -72,6 +73,10 @@ def phases(model: Path, calib: Path, train: Path, work: Path, budget: float, dev
         ("CoMe-sp post-training, FSDP2 offload", common + train_args + ["--post-train", "sp", "--train-memory",
                                                                          "offload"], budget, "sp"),
         ("--post-train best", common + train_args + ["--post-train", "best"], budget, "best"),
+        # the speed of the pruned model against the dense one (SLEB's protocol on a GPU; a token's worth on a CPU)
+        ("--latency, dense and pruned", common + ["--apply-plan", str(pruned), "--latency"]
+         + ([] if gpu else ["--latency-sizes", "prompt=32,iters=1,gen_batch=2,gen_prompt=8,new=4,gen_iters=1"]),
+         budget, "latency"),
         # the offload path forced: 8 of 32 layers off the GPU (3 GiB of 12.6), the cache in host memory
         ("prune come, layers offloaded, 16 GiB", common + ["--sparsity", "0.3", "--cache", "host", "--offload-layers",
                                                           "8" if gpu else "2"], min(budget, 16.0), "offload"),
@@ -131,7 +136,7 @@ def run_phase(name: str, args: list[str], budget: float, work: Path, label: str,
                peak_rss_gib=round(json.loads(rss.read_text())["peak_rss_gib"], 2),
                cache=plan["cache"], offload_layers=plan.get("offload_layers", 0),
                per_phase={k: {"planned_gpu_gib": plan["memory"].get(come_phase(k), {}).get("gpu_gib"), **v}
-                          for k, v in peaks.items()})
+                          for k, v in peaks.items()}, speedup=(res.get("latency") or {}).get("speedup"))
     row["within_plan"] = row["peak_rss_gib"] <= row["planned_host_gib"] and all(
         v["planned_gpu_gib"] is not None and v["reserved_gib"] <= v["planned_gpu_gib"]
         for v in row["per_phase"].values())
@@ -153,6 +158,9 @@ def markdown(rows: list[dict], header: str) -> str:
         lines.append(f"| {r['phase']} | {r['planned_gpu_gib']:.2f} | {r['reserved_gib']:.2f} | "
                      f"{r['allocated_gib']:.2f} | {r['planned_host_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
                      f"{r['seconds']} | {'yes' if r['within_plan'] else '**no**'} |")
+    lines += [f"\n{r['phase']}: speedup {r['speedup']['prompt']:.2f}x prompt processing, "
+              f"{r['speedup']['generation']:.2f}x generation ({r['speedup']['layers']:.2f}x fewer layers)"
+              for r in rows if r.get("speedup")]
     return "\n".join(lines) + "\n"
 
 
