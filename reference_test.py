@@ -2844,6 +2844,11 @@ def test_gpu_acceptance_script_runs_every_phase_on_a_small_model_on_the_cpu(tmp_
     timed = [r for r in rows if r["phase"].startswith("--latency")]
     # the 0.3 plan leaves 1 of the 6 layers of this narrow shape (its 32,000-token embeddings are most parameters)
     assert len(timed) == 1 and timed[0]["speedup"]["layers"] == 6 and "speedup" in text
+    assert all("prune" in r["host_per_phase"] and r["host_per_phase"]["prune"]["planned_host_gib"] > 0
+               for r in rows)                               # each come.py phase's own host peak, judged on its own
+    cut_rows, cut_text = acceptance.acceptance(tmp_path / "cut", 40.0, device="cpu", shape=shape, deadline_s=0.0)
+    assert all(r.get("cut") for r in cut_rows) and cut_text.count("cut: past the deadline") == len(cut_rows)
+    assert json.loads((tmp_path / "cut" / "acceptance.json").read_text())["rows"] == cut_rows
     assert acceptance.main(["--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
 
 
