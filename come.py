@@ -26,7 +26,9 @@ Paper map
                                                         weightsum_prune (weighted_sum_merge), reverse_prune,
                                                         replaceme_prune (ReplaceMe, Shopkhoev et al. 2025),
                                                         shortened_prune (taylor, magnitude: block_importance),
-                                                        ppl_prune (Shortened LLaMA, Kim et al. 2024)
+                                                        ppl_prune (Shortened LLaMA, Kim et al. 2024),
+                                                        streamline_prune (LLM-Streamline: run_similarities,
+                                                        train_replacement)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
                                                         come_cli.py: main -> run (one call a phase); compare
   [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
@@ -997,6 +999,15 @@ def replay_step(model, step: dict, fold_norms: bool = False, tensors: dict | Non
     for key in [k for k in REPAIRED if step.get(k)]:    # [OURS] the refit projections, stored next to the plan
         layer = step[key].get("layer", step.get("window", [0])[0])      # plans before drop repairs: the window's
         set_weight(model, layer, REPAIRED[key], tensors[step[key]["tensor"]])
+    replay_weights(model, step, tensors)
+
+
+def replay_weights(model, step: dict, tensors: dict | None) -> None:
+    """A step's trained replacement layer (LLM-Streamline): every weight of it, stored next to the plan."""
+    if step.get("replaced"):
+        prefix, layer = step["replaced"]["tensor"], step["replaced"]["layer"]
+        for name, _ in decoder_layers(model)[layer].named_parameters():
+            set_weight(model, layer, name, tensors[f"{prefix}.{name}"])
 
 
 def set_weight(model, index: int, name: str, value: torch.Tensor) -> None:
@@ -1047,7 +1058,9 @@ def apply_plan(model, plan: dict, depth: int | None = None) -> dict:
         else:
             join_window(tree, step["window"][0], len(step["window"]))
     names = {s[k]["tensor"] for s in steps for k in REPAIRED if s.get(k)}
-    return {"steps": steps, "tree": tree, **({"tensors": {k: v for k, v in merge["tensors"].items() if k in names}}
+    names |= {s["replaced"]["tensor"] for s in steps if s.get("replaced")}     # a replacement layer's weight prefix
+    return {"steps": steps, "tree": tree, **({"tensors": {k: v for k, v in merge["tensors"].items()
+                                                          if k in names or k.split(".")[0] in names}}
                                              if names else {})}
 
 
@@ -1597,6 +1610,75 @@ def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
     return {"steps": [step], "tree": tree, "tensors": {"replaceme.mlp.down_proj.weight": weight}}
 
 
+# INTERPRETATION: LLM-Streamline's replacement is one decoder layer of the model's own shape (the paper's transformer
+# layer form, so that every layer keeps one shape), initialized from the run's first layer and trained by mean squared
+# error on the calibration states with AdamW; the paper trains on its own corpus, and these are our epochs and rate.
+STREAMLINE_EPOCHS, STREAMLINE_LR = 10, 1e-4
+
+
+def run_similarities(cache: HiddenStates, n: int) -> list[float]:
+    """Mean cosine over every calibration token between the state entering layer l and the state leaving layer
+    l+n-1, for every start l."""
+    out = []
+    for l in range(len(cache.states) - n):
+        cos = torch.cat([_row_cosine(_on(cache.states[l][i], cache.device), _on(cache.states[l + n][i], cache.device))
+                         for i in range(cache.states[l].shape[0])])
+        out.append(cos.mean().item())
+    return out
+
+
+def train_replacement(cache: HiddenStates, start: int, target: torch.Tensor) -> tuple[dict, dict]:
+    """Layer `start` trained (in float32) to map the cached state entering it to `target`, window by window: MSE,
+    AdamW, STREAMLINE_EPOCHS epochs in a seeded order. Returns its weights in the model's dtype and the MSE before
+    and after, on the calibration windows."""
+    work = float32_layer(cache.model, start)
+    dtype = next(decoder_layers(cache.model)[start].parameters()).dtype
+    windows = cache.states[start].shape[0]
+
+    def mse(i: int) -> torch.Tensor:
+        out = cache.run_layer(work, start, cache.states[start][i:i + 1]).float()
+        return F.mse_loss(out, target[i:i + 1].to(out.device).float())
+
+    def mean_mse() -> float:
+        with torch.no_grad():
+            return sum(mse(i).item() for i in range(windows)) / windows
+    before = mean_mse()
+    work.requires_grad_(True)
+    opt = torch.optim.AdamW(work.parameters(), lr=STREAMLINE_LR, weight_decay=0.0)
+    order = torch.Generator().manual_seed(0)
+    for _ in progress_bar(range(STREAMLINE_EPOCHS), "Streamline replacement", total=STREAMLINE_EPOCHS):
+        for i in torch.randperm(windows, generator=order).tolist():
+            mse(i).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    work.requires_grad_(False)
+    weights = {k: v.detach().to("cpu", dtype) for k, v in work.state_dict().items()}
+    return weights, {"mse_before": before, "mse_after": mean_mse()}
+
+
+def streamline_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """LLM-Streamline (Chen et al., ICLR 2025): the run of n = L - target + 1 consecutive layers whose entering and
+    leaving states are the most similar (run_similarities) is replaced by ONE layer trained to map the one to the
+    other (train_replacement); the run's other layers are dropped, so their span passes to it."""
+    t0, L = time.perf_counter(), len(decoder_layers(model))
+    n = L - target_layers + 1
+    cache = HiddenStates(model, calib_ids, cache_device)
+    cache.refresh(0, desc="Streamline states")
+    sims = run_similarities(cache, n)
+    start = max(range(len(sims)), key=lambda l: (sims[l], -l))
+    weights, losses = train_replacement(cache, start, cache.states[start + n])
+    del cache
+    tree = [[i] for i in range(L)]
+    step = drop_layers(model, tree, start + 1, n - 1, similarity=sims[start], similarities=sims)
+    tensors = {f"streamline.{k}": v for k, v in weights.items()}
+    step["replaced"] = {"layer": start, "tensor": "streamline", **losses}      # its weights: streamline.<name>
+    replay_weights(model, step, tensors)
+    log(f"LLM-Streamline: original layers {tree[start]} replaced by one trained layer (MSE {losses['mse_before']:.4g}"
+        f" -> {losses['mse_after']:.4g})")
+    _notify(on_depth, model, t0)
+    return {"steps": [step], "tree": tree, "tensors": tensors}
+
+
 # INTERPRETATION: LaCo's similarity threshold and search interval (the LaCo paper's values, not tuned here).
 LACO_THRESHOLD, LACO_INTERVAL = 0.65, 2
 
@@ -1662,9 +1744,11 @@ def weightsum_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on
 PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "shortgpt": shortgpt_prune,
            "sleb": sleb_prune, "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune,
            "replaceme": replaceme_prune, "taylor": shortened_prune, "taylor+": shortened_prune,
-           "magnitude": shortened_prune, "magnitude+": shortened_prune, "ppl": ppl_prune}
+           "magnitude": shortened_prune, "magnitude+": shortened_prune, "ppl": ppl_prune,
+           "streamline": streamline_prune}
 COME_METHODS = ("come", "come-p", "come+")
-DROPPERS = ("shortgpt", "sleb", "reverse", "replaceme", "taylor", "taylor+", "magnitude", "magnitude+", "ppl")
+DROPPERS = ("shortgpt", "sleb", "reverse", "replaceme", "taylor", "taylor+", "magnitude", "magnitude+", "ppl",
+            "streamline")
 # (methods that remove layers instead of merging them)
 
 

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=tuple(PRUNERS), default="come",
                     help="come (default), come-p, come+ (ours, beyond the paper), or a baseline: shortgpt, sleb, "
                          "laco, weightsum, reverse, replaceme, taylor, magnitude (+: never the first 4 and last 2 "
-                         "layers), ppl")
+                         "layers), ppl, streamline")
     g.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
     g.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
     g.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
@@ -232,9 +232,10 @@ def validate(args, ap) -> None:
         else [args.method]
     if args.repair_o and args.repair == "none" and "come+" not in methods:
         ap.error("--repair-o refits o_proj as part of --repair: add --repair lstsq or scale")
-    if args.repair != "none" and not set(methods) <= set(COME_METHODS + DROPPERS) - {"replaceme"}:
-        ap.error("--repair applies to the CoMe methods (come, come-p, come+) and to shortgpt, sleb and reverse "
-                 "(laco and weightsum merge by their own rule; replaceme is a repaired drop already)")
+    if args.repair != "none" and not set(methods) <= set(COME_METHODS + DROPPERS) - {"replaceme", "streamline"}:
+        ap.error("--repair applies to the CoMe methods (come, come-p, come+) and to the drops shortgpt, sleb, "
+                 "reverse, taylor, magnitude and ppl (laco and weightsum merge by their own rule; replaceme is a "
+                 "repaired drop already, streamline a trained one)")
     if (args.repair_o or args.repair_target == "dense" or args.skip_score == "merge") and \
             not set(methods) <= set(COME_METHODS):
         ap.error("--repair-o, --repair-target dense and --skip-score merge apply to the CoMe methods "
@@ -629,11 +630,12 @@ def post_trained_row(job: Job, base, plan: dict, pruned_row: dict, train_ids: to
 
 def progressive(method: str, cfg) -> bool:
     """Whether one run to the deepest target passes through every shallower target (so --compare evaluates on the
-    way). ReplaceMe replaces one block sized for its target, and a repaired one-shot drop (ShortGPT, reverse, the
-    Shortened LLaMA criteria) is repaired once per block of its target: those run once per target from the base
-    model."""
+    way). ReplaceMe and LLM-Streamline replace one block sized for their target, and a repaired one-shot drop
+    (ShortGPT, reverse, the Shortened LLaMA criteria) is repaired once per block of its target: those run once per
+    target from the base model."""
     one_shot = ("shortgpt", "reverse", "taylor", "taylor+", "magnitude", "magnitude+", "ppl")
-    return method != "replaceme" and not (method in one_shot and cfg.repair != "none")
+    sized_for_target = ("replaceme", "streamline")
+    return method not in sized_for_target and not (method in one_shot and cfg.repair != "none")
 
 
 def compare(job, base) -> dict:

@@ -462,6 +462,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # recomputed in backward, and the logits with their log-softmax and gradient in float32
                  "calibration gradients": (L * per_layer * e + seqlen * (L * d + 12 * d + 6 * f) * e
                                            + seqlen * V * 4 * 3) * cfg.method.startswith("taylor"),
+                 # streamline: the trained layer's float32 weights, gradients, AdamW moments, one window's activations
+                 "replacement training": (per_layer * 16 + seqlen * (12 * d + 6 * f) * 4)
+                 * (cfg.method == "streamline"),
                  "evaluation": evaluation * eval_while_pruning}
     phases, runtime, slack = {}, RUNTIME_GIB * GIB, 1 + ALLOCATOR_RESERVE * gpu
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:

@@ -843,10 +843,10 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
                                                                                "lstsq"],
                                    ["--method", "reverse", "--repair", "scale"], ["--method", "replaceme"],
                                    ["--method", "taylor+"], ["--method", "magnitude", "--repair", "lstsq"],
-                                   ["--method", "ppl"]],
+                                   ["--method", "ppl"], ["--method", "streamline"]],
                          ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum", "come+",
                               "merge-score-span3-scale-o", "sleb-repair", "shortgpt-repair", "reverse-repair",
-                              "replaceme", "taylor+", "magnitude-repair", "ppl"])
+                              "replaceme", "taylor+", "magnitude-repair", "ppl", "streamline"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -951,7 +951,7 @@ def model():
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
 ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum", "replaceme", "sleb+repair",
-             "taylor+", "magnitude", "ppl"):
+             "taylor+", "magnitude", "ppl", "streamline"):
     method = name.split("+repair")[0] if name.endswith("repair") else name
     cfg = come.ComeConfig(method=method, span=come.span_for(method, None), granularity=2,
                           repair="lstsq" if name.endswith("repair") else "none")
@@ -987,7 +987,7 @@ def test_come_py_alone_prunes_with_every_method_and_post_trains(tmp_path):
     out = eval(run.stdout.strip().splitlines()[-1])
     assert {k: v for k, v in out.items() if k not in ("mp", "sp", "disk", "modules", "best")} == {
         name: 4 for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum",
-                             "replaceme", "sleb+repair", "taylor+", "magnitude", "ppl")}
+                             "replaceme", "sleb+repair", "taylor+", "magnitude", "ppl", "streamline")}
     assert out["best"] == "output"           # a lone copy builds the best recipe's settings
     assert out["mp"] and out["sp"] and out["modules"] == ["come"]
     assert "come_runtime.py next to come.py" in out["disk"]
@@ -1266,6 +1266,42 @@ def test_ppl_criterion_drops_the_blocks_whose_single_removal_costs_the_least_cal
     assert [s["nll"] for s in plan["steps"]] == pytest.approx([want[l] for l in removed], rel=1e-5)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, drop_copy(base, removed)(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa"])
+def test_streamline_replaces_the_most_similar_run_by_one_trained_layer(family):
+    """LLM-Streamline: the run of L - target + 1 layers whose entering and leaving states (stock forward) have the
+    highest mean token cosine; the model equals the base without the run's other layers and with the run's first
+    layer's weights replaced by the plan's; the recorded MSE of that layer is a stock computation's, and lower than
+    before training; the tree gives the whole run's span to it."""
+    base = make_tiny(family)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(8))
+    states = raw_states(base, ids)
+    n = 7 - 4 + 1
+    sims = [torch.nn.functional.cosine_similarity(states[l].reshape(-1, states[l].shape[-1]).double(),
+                                                  states[l + n].reshape(-1, states[l].shape[-1]).double()).mean().item()
+            for l in range(7 - n + 1)]
+    start = max(range(len(sims)), key=lambda l: (sims[l], -l))
+    model = copy.deepcopy(base)
+    plan = come.streamline_prune(model, ids, 4, come.ComeConfig(method="streamline"))
+    step = plan["steps"][0]
+    assert step["similarities"] == pytest.approx(sims, rel=1e-5) and step["replaced"]["layer"] == start
+    assert plan["tree"][start] == list(range(start, start + n)) and len(plan["tree"]) == 4
+    literal = drop_copy(base, list(range(start + 1, start + n)))
+    layer = literal.model.layers[start]
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(plan["tensors"][f"streamline.{name}"])
+        assert torch.equal(model(ids).logits, literal(ids).logits)
+        rotary = literal.model.rotary_emb(states[start], torch.arange(32)[None])
+        out = layer(states[start], position_embeddings=rotary, attention_mask=None)     # causal without a mask
+        mse = torch.nn.functional.mse_loss(out[0] if isinstance(out, tuple) else out, states[start + n])
+    assert step["replaced"]["mse_after"] == pytest.approx(mse.item(), rel=1e-3)
+    assert step["replaced"]["mse_after"] < step["replaced"]["mse_before"]
+    replayed = copy.deepcopy(base)
+    come.apply_plan(replayed, {"merge": plan, "config": {"fold_norms": False},
+                               "base_fingerprint": come.fingerprint(base)})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), replayed.state_dict().values()))
 
 
 def test_weightsum_with_ratio_one_zero_is_the_first_layer():
@@ -2661,6 +2697,7 @@ def expect_error(capsys, *args, match):
     (["--method", "come+", "--repair-alpha", "often"], "must be a positive number or auto"),
     (["--repair-o"], "add --repair lstsq or scale"),
     (["--latency", "--latency-sizes", "prompt=0"], "N a positive integer"),
+    (["--method", "streamline", "--repair", "lstsq"], "streamline a trained one"),
     (["--latency-sizes", "tokens=8"], "NAME one of"),
 ])
 def test_bad_depth_and_method_arguments(args, match, tiny_folder, calib_txt, tmp_path, capsys):
