@@ -344,6 +344,8 @@ def gpu_peaks(device: str, reset: bool = True) -> dict[str, float] | None:
     if reset:       # the allocator's cache goes back at a phase boundary: the next phase's reserved peak is its own
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+        if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "empty_host_cache"):
+            torch.accelerator.empty_host_cache()        # pinned host blocks CUDA keeps cached (FSDP2 offload's)
     return peaks
 
 

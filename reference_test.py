@@ -2228,6 +2228,8 @@ class StrictFakeCuda:
                  "reset_peak_memory_stats": self.indexed("reset_peak_memory_stats")}
         for name, fake in fakes.items():
             monkeypatch.setattr(torch.cuda, name, fake)
+        monkeypatch.setattr(torch.accelerator, "empty_host_cache",
+                            lambda: self.calls.append(("empty_host_cache", None)))
 
     def index(self, device) -> int:
         index = device if isinstance(device, int) else torch.device(device).index
@@ -2336,7 +2338,7 @@ def test_cuda_devices_are_resolved_to_an_index_before_any_cuda_call(device, tiny
     job.phase("prune")              # peak memory of the run's device, then reset
     assert job.facts["gpu_peaks"]["prune"] == {"reserved_gib": 0.0, "allocated_gib": 0.0}
     assert {name for name, _ in cuda.calls} >= {"max_memory_reserved", "max_memory_allocated",
-                                                 "reset_peak_memory_stats"}
+                                                 "reset_peak_memory_stats", "empty_host_cache"}   # pinned blocks too
     plan = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
                "--dry-run", *(["--device", device] if device else []))           # the whole CLI path
     assert plan["cache"] == "gpu"
