@@ -461,29 +461,33 @@ def plan_memory(job: Job) -> dict:
         str(getattr(job.config, "dtype", None) or "").replace("torch.", "") == str(job.dtype)[6:]
     tasks = (args.batch_size, ev.longest_task_item(job.settings, job.tokenizer)) if job.settings.tasks else None
 
-    def place(depth: int, tc: TrainConfig | None, cache: str, offload: int | None) -> tuple[dict, TrainConfig]:
-        return rt.place_run(job.config, job.dtype, args.device, windows, seqlen, depth, job.cfg, tc, budget, cache,
+    def place(cfg: ComeConfig, depth: int, tc: TrainConfig | None, cache: str, offload: int | None):
+        return rt.place_run(job.config, job.dtype, args.device, windows, seqlen, depth, cfg, tc, budget, cache,
                             mapped=mapped, offload=offload, tasks=tasks, eval_while_pruning=bool(args.compare),
                             latency=job.latency,
                             models=2 if args.compare or job.method == "weightsum" else 1)   # they prune a copy
-    # --compare: every stop is pruned (and post-trained) in one run, so the plan is the one of the stop that needs
-    # the most, and each other stop is checked with that plan's placements and training memory
+    # --compare: every method's every stop is pruned (and post-trained) in one run, so the plan is the one of the
+    # method and stop that need the most, and each other one is checked with that plan's placements and training
+    # memory (a method's own terms: Taylor's gradients, a refit, suffix passes)
+    methods = {name: compare_variant(name, job.cfg, args.span)[1] for name in args.compare.split(",")} \
+        if args.compare else {job.method: job.cfg}
     depths = sorted(set(compare_targets(job.config, args.sparsities).values())) if args.compare else [job.target]
-    placed = {depth: place(depth, job.tc, args.cache, args.offload_layers) for depth in depths}
-    depth = max(depths, key=lambda t: plan_need(placed[t][0]))
-    plan, job.tc = placed[depth]
-    if len(depths) > 1:
+    stops = {f"{name} at {t} layers": (cfg, t) for name, cfg in methods.items() for t in depths}
+    placed = {key: place(cfg, t, job.tc, args.cache, args.offload_layers) for key, (cfg, t) in stops.items()}
+    largest = max(stops, key=lambda key: plan_need(placed[key][0]))
+    plan, job.tc = placed[largest]
+    if len(stops) > 1:
         # a stop that fits with its own plan but not with the largest one's is checked too; when the largest does
         # not fit at all, each stop is reported with its own plan
-        stops = {t: placed[t][0] if plan["problems"] else place(t, job.tc, plan["cache"], plan["offload_layers"])[0]
-                 for t in depths}
-        plan = {**plan, "planned_stop": depth, "stops": {t: s["memory"] for t, s in stops.items()},
-                "problems": [f"at {t} layers, {p}" for t, s in stops.items() for p in s["problems"]]}
-        plan.setdefault("hints", next((s["hints"] for s in stops.values() if s["problems"]), []))
+        checked = {key: placed[key][0] if plan["problems"] else
+                   place(cfg, t, job.tc, plan["cache"], plan["offload_layers"])[0] for key, (cfg, t) in stops.items()}
+        plan = {**plan, "planned_stop": largest, "stops": {key: s["memory"] for key, s in checked.items()},
+                "problems": [f"{key}: {p}" for key, s in checked.items() for p in s["problems"]]}
+        plan.setdefault("hints", next((s["hints"] for s in checked.values() if s["problems"]), []))
     (print if args.dry_run else log)(rt.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "
                                                               f"{windows} calibration windows of {seqlen}"
-                                                              + (f"; the stop at {depth} layers, the largest of "
-                                                                 f"{len(depths)}" if len(depths) > 1 else "")))
+                                                              + (f"; {largest}, the largest of {len(stops)} "
+                                                                 "stops" if len(stops) > 1 else "")))
     if plan["problems"]:
         if args.dry_run and args.results:       # the plan is still written: it says what does not fit
             dry_run(dataclasses.replace(job, memory=plan))

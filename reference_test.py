@@ -1992,9 +1992,17 @@ def test_compare_with_post_training_plans_every_stop_and_refuses_one_that_does_n
     assert e.value.code == 2
     err = capsys.readouterr().err
     plan = json.loads(both.read_text())
-    assert plan["planned_stop"] == 29 and set(plan["stops"]) == {"29", "22"}
-    assert plan["problems"] and all(p.startswith("at 29 layers") for p in plan["problems"]) and "at 29 layers" in err
-    assert plan["stops"]["29"]["post_train"] == alone["memory"]["post_train"]
+    assert plan["planned_stop"] == "come at 29 layers" and set(plan["stops"]) == {"come at 29 layers",
+                                                                                   "come at 22 layers"}
+    assert plan["problems"] and all(p.startswith("come at 29 layers") for p in plan["problems"])
+    assert "come at 29 layers" in err
+    assert plan["stops"]["come at 29 layers"]["post_train"] == alone["memory"]["post_train"]
+    taylor = tmp_path / "taylor.json"           # a method's own terms count: Taylor's gradients while pruning
+    cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 80, "--host-gib", 64,
+        "--compare", "come,taylor", "--sparsities", "0.3", "--results", taylor)
+    planned = json.loads(taylor.read_text())
+    assert planned["planned_stop"] == "taylor at 22 layers" and planned["stops"]["taylor at 22 layers"]["prune"][
+        "parts_bytes"]["calibration gradients"] > 0
     fits = tmp_path / "fits.json"               # the 0.3 stop alone fits: so does a compare of 0.3 only
     cli(*common, "--sparsities", "0.3", "--results", fits)
     assert not json.loads(fits.read_text())["problems"]
