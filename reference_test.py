@@ -2623,6 +2623,31 @@ def test_latency_times_only_the_model_s_forwards_and_the_speedup_follows_the_lay
         come_eval.LATENCY_GPU, prompt=64, warmup=0)
 
 
+def test_latency_on_a_gpu_times_with_cuda_events_and_synchronizes_the_model_s_gpu(monkeypatch):
+    """The CUDA path of --latency on the CPU: events recorded around each repeat, the model's GPU (cuda:1, not the
+    current cuda:0) synchronized by index before an event is read, and elapsed milliseconds turned into seconds."""
+    cuda = StrictFakeCuda(monkeypatch, count=2)
+    clock = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = clock[0]
+
+        def elapsed_time(self, end) -> float:
+            assert ("synchronize", 1) == cuda.calls[-1]         # read only after the model's GPU is synchronized
+            return (end.at - self.at) * 1000.0
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+
+    def run() -> None:          # one repeat: 0.25 "seconds" on the fake device
+        clock[0] += 0.25
+    times = come_eval._repeat_times(run, torch.device("cuda:1"), iters=3, warmup=2)
+    assert times == [0.25] * 3 and clock[0] == 0.25 * 5 and cuda.calls == [("synchronize", 1)] * 3
+
+
 def test_cli_latency_reports_dense_and_pruned_times_and_the_speedup(tiny_folder, calib_txt, tmp_path, capsys):
     sizes = "prompt=16,iters=2,gen_batch=2,gen_prompt=4,new=2,gen_iters=1,warmup=0"
     plan = cli("--model", tiny_folder("llama-gqa"), "--calib", calib_txt, "--seqlen", 32, "--target-layers", 4,
