@@ -394,16 +394,22 @@ def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None, d
     return budget
 
 
+def pinned_bytes(nbytes: int) -> int:
+    """What CUDA's caching host allocator takes for a pinned tensor of `nbytes`: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
 @functools.lru_cache(maxsize=16)
-def parameter_counts(config_json: str) -> tuple[int, int, int]:
-    """(parameters of the model, of one decoder layer, of its largest weight) from the config alone (meta device);
-    cached, since a plan's search for placements asks for them many times."""
+def parameter_counts(config_json: str) -> tuple[int, int, int, int]:
+    """(parameters of the model, of one decoder layer, of its largest weight, and the pinned bytes of one layer's
+    float32 tensors, each rounded as the host allocator rounds it) from the config alone (meta device); cached, since
+    a plan's search for placements asks for them many times."""
     config = AutoConfig.for_model(**json.loads(config_json))
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     layer = meta.model.layers[0]
     return (sum(p.numel() for p in meta.parameters()), sum(p.numel() for p in layer.parameters()),
-            max(p.numel() for p in layer.parameters()))
+            max(p.numel() for p in layer.parameters()), sum(pinned_bytes(p.numel() * 4) for p in layer.parameters()))
 
 
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
@@ -430,7 +436,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     """
     e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
         config.num_hidden_layers
-    total, per_layer, biggest = parameter_counts(config.to_json_string())
+    total, per_layer, biggest, pinned_layer = parameter_counts(config.to_json_string())
     one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
     cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
@@ -489,6 +495,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
         live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
         away_n = (n if tc.offload_count is None else min(tc.offload_count, n)) * off   # training state on the host
+        # on the host per offloaded layer: float32 weights and gradients in pinned memory (on a GPU run each tensor
+        # rounded up to a power of two by CUDA's host allocator: Llama-2-7b's 172 MiB projections take 256 MiB),
+        # and the two AdamW moments in ordinary memory
+        host_state = 2 * (pinned_layer if gpu else per_layer * 4) + per_layer * 8
         seqlen = tc.seqlen or seqlen                                  # the training window
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
         student = weights + merged if mapped else student_params * e - \
@@ -500,14 +510,14 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         parts = {"teacher": weights, "student": student - away_n * per_layer * e, "offloaded layers": 2 * away,
                  f"training state ({live - away_n} layer{'s' * (live - away_n != 1)})":
                      (live - away_n) * per_layer * (16 - e),
-                 f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * per_layer * 16,
+                 f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * host_state,
                  "AdamW temporaries": foreach,
                  "gathered layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
                  "KL chunk": tc.kl_chunk * V * 4 * 4, "cast to --save-dtype": cast}
-        on_host = away_n * per_layer * 16 + 2 * away + foreach_host * (away_n > 0)
+        on_host = away_n * host_state + 2 * away + foreach_host * (away_n > 0)
         phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu * slack, "parts": parts,
                                 "host": runtime + (on_host if gpu else sum(parts.values()))}
     saved_bytes = student_params * (save_dtype or dtype).itemsize

@@ -1938,7 +1938,9 @@ def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
 def test_post_training_every_layer_at_7b_fits_by_moving_what_the_host_holds_to_the_host(tmp_path, capsys):
     """--post-train best at 7B on a 40 GiB GPU with 64 GiB of host: all 22 trained layers' state on the host (67 GiB)
     does not fit; the plan moves as many layers' state there as the host holds (the rest train on the GPU), counts
-    16 bytes a parameter on the host and 16 - 2 on the GPU (bf16 weights already counted), and names what would help
+    on the host pinned float32 weights and gradients (each tensor rounded up to a power of two, as CUDA's host
+    allocator does) and 8 bytes a parameter of AdamW moments, 16 - 2 on the GPU (bf16 weights already counted), and
+    names what would help
     when nothing fits."""
     common = ["--model", "meta-llama/Llama-2-7b-hf", "--sparsity", 0.3, "--method", "sleb", "--dry-run", "--device",
               "cuda", "--gpu-gib", 40, "--host-gib", 64, "--post-train", "best"]
@@ -1948,7 +1950,10 @@ def test_post_training_every_layer_at_7b_fits_by_moving_what_the_host_holds_to_t
     k = plan["train_offload_count"]
     parts = plan["memory"]["post_train"]["parts_bytes"]
     assert not plan["problems"] and plan["train_memory"] == "offload" and 0 < k < 22
-    assert parts[f"training state ({k} layers, on the host)"] == k * 16 * per_layer
+    layer = come.meta_model(config).model.layers[0]       # pinned float32 weights and gradients, each tensor rounded
+    pinned = sum(2 ** math.ceil(math.log2(p.numel() * 4)) for p in layer.parameters())     # up to a power of two
+    assert pinned == 4 * 64 * 2**20 + 3 * 256 * 2**20 + 2 * 16 * 2**10        # q, k, v, o; gate, up, down; 2 norms
+    assert parts[f"training state ({k} layers, on the host)"] == k * (2 * pinned + 8 * per_layer)
     assert parts[f"training state ({22 - k} layers)"] == (22 - k) * 14 * per_layer
     assert plan["memory"]["post_train"]["host_gib"] <= 64 and plan["memory"]["post_train"]["gpu_gib"] <= 40
     assert f"{k} trained layers' state on the host" in capsys.readouterr().out
