@@ -479,9 +479,11 @@ def plan_memory(job: Job) -> dict:
     if len(stops) > 1:
         # a stop that fits with its own plan but not with the largest one's is checked too; when the largest does
         # not fit at all, each stop is reported with its own plan
+        # one cache placement serves every method: the farthest from the GPU that any of them needed
+        cache = max((placed[key][0]["cache"] for key in stops), key=("gpu", "host", "disk").index)
         checked = {key: placed[key][0] if plan["problems"] else
-                   place(cfg, t, job.tc, plan["cache"], plan["offload_layers"])[0] for key, (cfg, t) in stops.items()}
-        plan = {**plan, "planned_stop": largest, "stops": {key: s["memory"] for key, s in checked.items()},
+                   place(cfg, t, job.tc, cache, plan["offload_layers"])[0] for key, (cfg, t) in stops.items()}
+        plan = {**checked[largest], "planned_stop": largest, "stops": {key: s["memory"] for key, s in checked.items()},
                 "problems": [f"{key}: {p}" for key, s in checked.items() for p in s["problems"]]}
         plan.setdefault("hints", next((s["hints"] for s in checked.values() if s["problems"]), []))
     (print if args.dry_run else log)(rt.describe_memory(plan, f"{args.model}, {str(job.dtype)[6:]}, {args.device}, "

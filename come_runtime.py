@@ -438,7 +438,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         config.num_hidden_layers
     total, per_layer, biggest, pinned_layer = parameter_counts(config.to_json_string())
     one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
-    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1)
+    # one-shot drops scored from the weights or the gradients keep no hidden states (unless a repair reads them)
+    no_cache = cfg.method in ("taylor", "taylor+", "magnitude", "magnitude+", "reverse") and not repair
+    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1) * (not no_cache)
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
     # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
     merged = (L - target if mapped else min(offload, L - target)) * per_layer * e

@@ -2002,6 +2002,13 @@ def test_compare_with_post_training_plans_every_stop_and_refuses_one_that_does_n
     assert plan["problems"] and all(p.startswith("come at 29 layers") for p in plan["problems"])
     assert "come at 29 layers" in err
     assert plan["stops"]["come at 29 layers"]["post_train"] == alone["memory"]["post_train"]
+    alone = tmp_path / "magnitude.json"         # a drop scored from the weights keeps no hidden states: no disk
+    cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 64,
+        "--method", "magnitude+", "--sparsity", 0.3, "--results", alone)
+    magnitude = json.loads(alone.read_text())
+    assert not magnitude["problems"] and magnitude["memory"]["prune"]["disk_gib"] == 0
+    parts = magnitude["memory"]["prune"]["parts_bytes"]
+    assert not any(v for k, v in parts.items() if k.startswith("hidden-state cache"))
     taylor = tmp_path / "taylor.json"           # a method's own terms count: Taylor's gradients while pruning
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 80, "--host-gib", 64,
         "--compare", "come,taylor", "--sparsities", "0.3", "--results", taylor)
