@@ -1516,17 +1516,11 @@ def ppl_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth
 
 
 def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
-    """Reverse-order: drop the last layers. [OURS] With --repair the dropped block is repaired once."""
-    t0, tree, steps = time.perf_counter(), [[i] for i in range(len(decoder_layers(model)))], []
-    if cfg.repair != "none":
-        cfg = token_rule(cfg, calib_ids, model)
-        cache = HiddenStates(model, calib_ids, cache_device)
-        cache.refresh(0, desc="states")
-        return drop_blocks_repaired(model, cache, tree, list(range(target_layers, len(tree))), cfg, on_depth, t0)
-    while len(tree) > target_layers:
-        steps.append(drop_layers(model, tree, len(tree) - 1, 1))
-        _notify(on_depth, model, t0)
-    return {"steps": steps, "tree": tree}
+    """Reverse-order: drop the last layers, deepest first. [OURS] With --repair the dropped block is repaired once."""
+    L = len(decoder_layers(model))
+    return drop_in_order(model, calib_ids, list(range(L - 1, -1, -1)), L - target_layers,
+                         token_rule(cfg, calib_ids, model), {}, cache_device=cache_device, on_depth=on_depth,
+                         t0=time.perf_counter())
 
 
 def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
