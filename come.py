@@ -1518,9 +1518,9 @@ def ppl_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth
 def reverse_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
     """Reverse-order: drop the last layers, deepest first. [OURS] With --repair the dropped block is repaired once."""
     L = len(decoder_layers(model))
-    return drop_in_order(model, calib_ids, list(range(L - 1, -1, -1)), L - target_layers,
-                         token_rule(cfg, calib_ids, model), {}, cache_device=cache_device, on_depth=on_depth,
-                         t0=time.perf_counter())
+    cfg = token_rule(cfg, calib_ids, model) if cfg.repair != "none" else cfg     # a plain drop reads no text
+    return drop_in_order(model, calib_ids, list(range(L - 1, -1, -1)), L - target_layers, cfg, {},
+                         cache_device=cache_device, on_depth=on_depth, t0=time.perf_counter())
 
 
 def sleb_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
