@@ -28,7 +28,8 @@ Paper map
                                                         shortened_prune (taylor, magnitude: block_importance),
                                                         ppl_prune (Shortened LLaMA, Kim et al. 2024),
                                                         streamline_prune (LLM-Streamline: run_similarities,
-                                                        train_replacement)
+                                                        train_replacement), mka_prune (MKA: window_distances,
+                                                        diffusion_embedding, npib_similarity, mka_ratios)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
                                                         come_cli.py: main -> run (one call a phase); compare
   [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
@@ -66,6 +67,8 @@ Deviations from the authors' code (each marked `# DEVIATION:` below):
     8. Only the layers a merge changed are recomputed: hidden states entering every layer are cached (§7).
     9. CoMe-mp trains its merged layers one after another, not interleaved per batch (same result, less memory).
    10. Taylor: the gradient of the whole calibration loss, read once; the authors' never zeroed gradients are not.
+   11. MKA: one diffusion-kernel row per calibration window; the authors' chunking pairs tokens of different windows.
+   12. MKA: attention biases are weighted like every other parameter; the authors add both layers' biases unscaled.
 Interpretations where neither source fixes the detail are marked `# INTERPRETATION:`.
 """
 from __future__ import annotations
@@ -1673,6 +1676,165 @@ def streamline_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", o
     return {"steps": [step], "tree": tree, "tensors": tensors}
 
 
+# MKA (Liu et al., EMNLP 2024, "Pruning via Merging"), as the CoMe authors run it: the states leaving every layer on
+# the first MKA_TOKENS tokens of each calibration window; each layer's windows embedded in MKA_DIMS coordinates by a
+# diffusion kernel and rank-normalized; the similarity of two layers the normalized information bottleneck (NPIB) of
+# their embeddings; then the last two layers merged by a weighted sum, again and again. The authors' constants:
+MKA_TOKENS, MKA_SIGMA, MKA_ALPHA, MKA_DIMS, MKA_BETA = 512, 8.0, 0.5, 2, 1.0
+# INTERPRETATION: the authors derive both neighbor counts from MMLU's categories (250 rows, 50 tasks): mutual
+# information with 250 // 50 = 5 neighbors, entropy with 50. We keep those numbers for any calibration text.
+MKA_MI_NEIGHBORS, MKA_ENTROPY_NEIGHBORS = 5, 50
+MKA_BLOCK_BYTES = 1 << 26       # the float64 token block the distances are summed from (64 MiB)
+
+
+def window_distances(cache: HiddenStates, boundary: int, tokens: int) -> torch.Tensor:
+    """Euclidean distance between every two calibration windows' states at `boundary` (their first `tokens` tokens,
+    flattened), summed in float64 over token blocks of at most MKA_BLOCK_BYTES; shape (windows, windows)."""
+    states, norm = cache.states[boundary], cache.model.model.norm
+    n, d = states.shape[0], states.shape[-1]
+    block = max(1, MKA_BLOCK_BYTES // (n * d * 8))
+    gram = torch.zeros(n, n, dtype=torch.float64, device=cache.device)
+    with torch.inference_mode():
+        for s in range(0, tokens, block):
+            x = states[:, s:min(s + block, tokens)]
+            # INTERPRETATION: the last layer's state is read after the final norm, as the authors' hidden-state
+            # tuple gives it (every other boundary is a raw layer output)
+            x = norm(x.to(device_of(norm))) if boundary == len(cache.states) - 1 else x
+            x = x.to(cache.device, torch.float64).reshape(n, -1)
+            gram += x @ x.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).abs().sqrt()
+    # DEVIATION: one kernel row per window over all its tokens; the authors' chunking compares token a of the first
+    # window of a chunk of windows with token b of another chunk's first window and calls that windows i+a and j+b.
+    return dist.fill_diagonal_(0.0)
+
+
+def diffusion_embedding(dist: torch.Tensor, sigma: float = MKA_SIGMA, alpha: float = MKA_ALPHA,
+                        dims: int = MKA_DIMS) -> torch.Tensor:
+    """The authors' diffusion map of n points from their distances (float64): K = exp(-sqrt(D / sigma)),
+    K1 = K / (p p^T)^alpha with p the column sums of K, A = K1 / (v v^T) with v^2 the column sums of K1; a
+    singular A gets 1e-6, 1e-5, ... on its diagonal (at most 10 times); entries below 1e-12 in magnitude become
+    1e-12; the top dims + 1 left singular vectors U (signed so that the largest entry of each is positive), each
+    divided by the first: returns U[:, 1:dims + 1] (n, dims)."""
+    k = torch.exp(-(dist.double() / sigma).sqrt())
+    p = k.sum(0)
+    k1 = k / (p[:, None] * p[None, :]) ** alpha
+    v = k1.sum(0).sqrt()
+    a = k1 / (v[:, None] * v[None, :])
+    eye, reg = torch.eye(a.shape[0], dtype=a.dtype, device=a.device), 1e-6
+    for _ in range(10):
+        if torch.isfinite(torch.linalg.cond(a)):
+            break
+        a, reg = a + reg * eye, reg * 10
+    a = torch.nan_to_num(a)
+    a = torch.where(a.abs() < 1e-12, torch.full_like(a, 1e-12), a)
+    u = torch.linalg.svd(a, full_matrices=False).U[:, :dims + 1]
+    # INTERPRETATION: each singular vector's sign fixed (its largest entry positive), so that runs agree; a flip
+    # would reverse a coordinate's ranks, which the similarity does not see
+    u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    first = torch.where(u[:, 0] == 0, torch.full_like(u[:, 0], 1e-8), u[:, 0])
+    return u[:, 1:] / first[:, None]
+
+
+def rank_normalize(y: torch.Tensor) -> torch.Tensor:
+    """Each column replaced by its ranks / n (non-finite values read as 0 first), as the authors do."""
+    y = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.argsort(torch.argsort(y, dim=0, stable=True), dim=0, stable=True).double() / y.shape[0]
+
+
+def ksg_mutual_information(x: torch.Tensor, y: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                           jitter: float = 1e-10) -> float:
+    """Kraskov's estimator of I(x; y) for two samples of n numbers, as scikit-learn's mutual_info_regression computes
+    it: each scaled to unit standard deviation plus a jitter (jitter x max(1, mean |.|) x N(0, 1)) that breaks ties;
+    r_i the max-norm distance of (x_i, y_i) to its k-th neighbor, narrowed by one float step; n_x(i), n_y(i) the
+    points within r_i in x and in y (i itself included); I = psi(n) + psi(k) - <psi(n_x)> - <psi(n_y)>, at least 0."""
+    def prepared(v: torch.Tensor) -> torch.Tensor:
+        v = v.double().flatten()
+        std = v.std(unbiased=False)
+        v = v / (std if std > 0 else 1.0)
+        noise = torch.randn(v.numel(), generator=generator, dtype=torch.float64).to(v.device)
+        return v + jitter * max(1.0, v.abs().mean().item()) * noise
+    x, y = prepared(x), prepared(y)
+    n = x.numel()
+    dx, dy = (x[:, None] - x[None, :]).abs(), (y[:, None] - y[None, :]).abs()
+    joint = torch.maximum(dx, dy).fill_diagonal_(math.inf)
+    radius = joint.kthvalue(k, dim=1).values
+    radius = torch.nextafter(radius, torch.zeros_like(radius))[:, None]
+    nx, ny = (dx <= radius).sum(1).double(), (dy <= radius).sum(1).double()
+    psi = torch.special.digamma
+    mi = psi(torch.tensor([n, k], dtype=torch.float64)).sum() - psi(nx).mean().cpu() - psi(ny).mean().cpu()
+    return max(0.0, mi.item())
+
+
+def knn_entropy(x: torch.Tensor, k: int) -> float:
+    """The authors' k-nearest-neighbor entropy of n points in d dimensions: -mean log(k / (n r_k^d)), r_k the
+    Euclidean distance of each point to its k-th neighbor."""
+    x = x.double()
+    n, d = x.shape
+    r = ((x[:, None] - x[None, :]) ** 2).sum(-1).sqrt().kthvalue(k + 1, dim=1).values    # the point itself is first
+    return -torch.log(k / (n * r ** d)).mean().item()
+
+
+def npib_similarity(embeddings: list[torch.Tensor], mi_neighbors: int = MKA_MI_NEIGHBORS,
+                    entropy_neighbors: int = MKA_ENTROPY_NEIGHBORS, seed: int = 0, jitter: float = 1e-10) \
+        -> torch.Tensor:
+    """S[i, j] = I(E_i; E_j) / sqrt(H(E_i) H(E_j)) for every two layers' embeddings E (n, dims): I the mean of the KSG
+    estimates over every pair of their coordinates, H the k-NN entropy. The jitter is drawn from `seed`."""
+    gen, L = torch.Generator().manual_seed(seed), len(embeddings)
+    h = [knn_entropy(e, entropy_neighbors) for e in embeddings]
+    sim = torch.zeros(L, L, dtype=torch.float64)
+    for i in progress_bar(range(L), "MKA similarity", total=L):
+        for j in range(i, L):
+            mi = [ksg_mutual_information(embeddings[i][:, a], embeddings[j][:, b], mi_neighbors, gen, jitter)
+                  for b in range(embeddings[j].shape[1]) for a in range(embeddings[i].shape[1])]
+            sim[i, j] = sim[j, i] = sum(mi) / len(mi) / math.sqrt(h[i] * h[j]) if h[i] * h[j] > 0 else math.nan
+    if not torch.isfinite(sim).all():
+        bad = sorted({i for i, j in (~torch.isfinite(sim)).nonzero().tolist()})
+        raise ComeError(f"MKA: the entropy estimates of layers {bad} have opposite signs to others', so their "
+                        "information-bottleneck similarity is undefined (the authors' code would merge with NaN "
+                        "ratios); give more calibration windows (--nsamples)")
+    return sim
+
+
+def mka_ratios(sim: torch.Tensor, i: int, j: int, beta: float = MKA_BETA) -> tuple[float, float]:
+    """The authors' fusion ratio of layers i and j: s = the mean similarity of each to every layer,
+    r_i = sigmoid(beta s_i / (s_i + s_j)), r_j = 1 - r_i."""
+    s_i, s_j = sim[i].mean().item(), sim[j].mean().item()
+    r_i = 1.0 / (1.0 + math.exp(-beta * s_i / (s_i + s_j)))
+    return r_i, 1.0 - r_i
+
+
+def mka_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
+    """MKA: layer similarities from the dense model's calibration states (window_distances -> diffusion_embedding ->
+    rank_normalize -> npib_similarity), computed once; then, until the target depth, the last two layers are merged
+    by weighted_sum_merge with mka_ratios of their similarity rows."""
+    t0, L, windows = time.perf_counter(), len(decoder_layers(model)), calib_ids.shape[0]
+    if windows <= MKA_ENTROPY_NEIGHBORS + 1:
+        raise ComeError(f"MKA estimates entropy from each window's {MKA_ENTROPY_NEIGHBORS}-th neighbor: it needs at "
+                        f"least {MKA_ENTROPY_NEIGHBORS + 2} calibration windows, got {windows} (raise --nsamples)")
+    cache = HiddenStates(model, calib_ids, cache_device)
+    cache.refresh(0, desc="MKA states")
+    tokens = min(MKA_TOKENS, calib_ids.shape[1])
+    embeddings = [rank_normalize(diffusion_embedding(window_distances(cache, l, tokens))).cpu()
+                  for l in progress_bar(range(1, L + 1), "MKA embeddings", total=L)]
+    del cache
+    sim = npib_similarity(embeddings)
+    tree, steps = [[i] for i in range(L)], []
+    while len(tree) > target_layers:
+        # the authors read the similarity rows of the original layers at the last two positions: the merged layer
+        # at the end keeps the row of the original layer it replaced
+        a, b = len(tree) - 2, len(tree) - 1
+        # DEVIATION: weighted_sum_merge weights q/k/v biases too (Qwen2); the authors sum both layers' unscaled
+        steps.append({"op": "weightsum", "window": [a, b], "ratios": list(mka_ratios(sim, a, b)),
+                      "similarity": [sim[a].mean().item(), sim[b].mean().item()], "spans": tree[a:],
+                      **({} if steps else {"npib_similarity": sim.tolist()})})
+        replay_step(model, steps[-1])
+        join_window(tree, a, 2)
+        _notify(on_depth, model, t0)
+    log(f"MKA: original layers {tree[-1]} merged into the last layer")
+    return {"steps": steps, "tree": tree}
+
+
 # INTERPRETATION: LaCo's similarity threshold and search interval (the LaCo paper's values, not tuned here).
 LACO_THRESHOLD, LACO_INTERVAL = 0.65, 2
 
@@ -1739,7 +1901,7 @@ PRUNERS = {"come": come_prune, "come-p": come_prune, "come+": come_prune, "short
            "sleb": sleb_prune, "laco": laco_prune, "weightsum": weightsum_prune, "reverse": reverse_prune,
            "replaceme": replaceme_prune, "taylor": shortened_prune, "taylor+": shortened_prune,
            "magnitude": shortened_prune, "magnitude+": shortened_prune, "ppl": ppl_prune,
-           "streamline": streamline_prune}
+           "streamline": streamline_prune, "mka": mka_prune}
 COME_METHODS = ("come", "come-p", "come+")
 DROPPERS = ("shortgpt", "sleb", "reverse", "replaceme", "taylor", "taylor+", "magnitude", "magnitude+", "ppl",
             "streamline")

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=tuple(PRUNERS), default="come",
                     help="come (default), come-p, come+ (ours, beyond the paper), or a baseline: shortgpt, sleb, "
                          "laco, weightsum, reverse, replaceme, taylor, magnitude (+: never the first 4 and last 2 "
-                         "layers), ppl, streamline")
+                         "layers), ppl, streamline, mka")
     g.add_argument("--span", type=int, help="adjacent layers merged per step (default 2; laco 4)")
     g.add_argument("--allow-remerge", action="store_true", help="let merged layers merge again")
     g.add_argument("--sbi-tokens", choices=("last", "all"), help="tokens for SBI (default: come last, come-p all)")
@@ -234,7 +234,7 @@ def validate(args, ap) -> None:
         ap.error("--repair-o refits o_proj as part of --repair: add --repair lstsq or scale")
     if args.repair != "none" and not set(methods) <= set(COME_METHODS + DROPPERS) - {"replaceme", "streamline"}:
         ap.error("--repair applies to the CoMe methods (come, come-p, come+) and to the drops shortgpt, sleb, "
-                 "reverse, taylor, magnitude and ppl (laco and weightsum merge by their own rule; replaceme is a "
+                 "reverse, taylor, magnitude and ppl (laco, weightsum and mka merge by their own rule; replaceme is a "
                  "repaired drop already, streamline a trained one)")
     if (args.repair_o or args.repair_target == "dense" or args.skip_score == "merge") and \
             not set(methods) <= set(COME_METHODS):
@@ -243,6 +243,9 @@ def validate(args, ap) -> None:
     if args.granularity < 1 or (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2 or \
             (args.score_windows is not None and args.score_windows < 1):
         ap.error("--granularity, --nsamples, --seqlen and --score-windows must be positive")
+    if "mka" in methods and args.nsamples is not None and args.nsamples < 52:
+        ap.error(f"mka estimates entropy from each window's 50th neighbor: it needs --nsamples of at least 52, "
+                 f"not {args.nsamples}")
     if args.post_train != "none":
         # [OURS] unset post-training flags take the recipe's value: the paper's for sp / mp, ours for best
         for key, value in recipe_defaults("best" if args.post_train == "best" else "paper").items():

@@ -475,6 +475,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # streamline: the trained layer's float32 weights, gradients, AdamW moments, one window's activations
                  "replacement training": (per_layer * 16 + seqlen * (12 * d + 6 * f) * 4)
                  * (cfg.method == "streamline"),
+                 # mka: one float64 token block of every window (come.MKA_BLOCK_BYTES) and a few windows x windows
+                 # float64 matrices (Gram, distances, kernel, its normalizations, the SVD's factors)
+                 "MKA distances": (2 ** 26 + 8 * windows * windows * 8) * (cfg.method == "mka"),
                  "evaluation": evaluation * eval_while_pruning}
     phases, runtime, slack = {}, RUNTIME_GIB * GIB, 1 + ALLOCATOR_RESERVE * gpu
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:

@@ -843,10 +843,11 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
                                                                                "lstsq"],
                                    ["--method", "reverse", "--repair", "scale"], ["--method", "replaceme"],
                                    ["--method", "taylor+"], ["--method", "magnitude", "--repair", "lstsq"],
-                                   ["--method", "ppl"], ["--method", "streamline"]],
+                                   ["--method", "ppl"], ["--method", "streamline"],
+                                   ["--method", "mka", "--seqlen", "16", "--nsamples", "56"]],
                          ids=["come", "come-p-fold", "sleb-score-span3", "laco", "sleb", "weightsum", "come+",
                               "merge-score-span3-scale-o", "sleb-repair", "shortgpt-repair", "reverse-repair",
-                              "replaceme", "taylor+", "magnitude-repair", "ppl", "streamline"])
+                              "replaceme", "taylor+", "magnitude-repair", "ppl", "streamline", "mka"])
 def test_apply_plan_rebuilds_bit_identical_weights(extra, tiny_folder, calib_txt, tmp_path):
     folder = tiny_folder("qwen2")
     plan = cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 3, "--save",
@@ -950,13 +951,15 @@ def model():
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
 ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+many = torch.randint(0, 256, (56, 12), generator=torch.Generator().manual_seed(0))     # MKA needs 52 windows
 for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum", "replaceme", "sleb+repair",
-             "taylor+", "magnitude", "ppl", "streamline"):
+             "taylor+", "magnitude", "ppl", "streamline", "mka"):
     method = name.split("+repair")[0] if name.endswith("repair") else name
     cfg = come.ComeConfig(method=method, span=come.span_for(method, None), granularity=2,
                           repair="lstsq" if name.endswith("repair") else "none")
     m = model()
-    plan = come.PRUNERS[method](m, ids, 4, come.come_plus(cfg) if method == "come+" else cfg)
+    plan = come.PRUNERS[method](m, many if method == "mka" else ids, 4,
+                                come.come_plus(cfg) if method == "come+" else cfg)
     out[name] = len(come.decoder_layers(m))
 teacher, student = model(), model()
 plan = come.come_prune(student, ids, 4, come.ComeConfig())
@@ -987,7 +990,7 @@ def test_come_py_alone_prunes_with_every_method_and_post_trains(tmp_path):
     out = eval(run.stdout.strip().splitlines()[-1])
     assert {k: v for k, v in out.items() if k not in ("mp", "sp", "disk", "modules", "best")} == {
         name: 4 for name in ("come", "come-p", "come+", "shortgpt", "sleb", "reverse", "laco", "weightsum",
-                             "replaceme", "sleb+repair", "taylor+", "magnitude", "ppl", "streamline")}
+                             "replaceme", "sleb+repair", "taylor+", "magnitude", "ppl", "streamline", "mka")}
     assert out["best"] == "output"           # a lone copy builds the best recipe's settings
     assert out["mp"] and out["sp"] and out["modules"] == ["come"]
     assert "come_runtime.py next to come.py" in out["disk"]
@@ -1302,6 +1305,122 @@ def test_streamline_replaces_the_most_similar_run_by_one_trained_layer(family):
     come.apply_plan(replayed, {"merge": plan, "config": {"fold_norms": False},
                                "base_fingerprint": come.fingerprint(base)})
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), replayed.state_dict().values()))
+
+
+# MKA oracles: Kraskov's estimator and the k-NN entropy by loops, digamma of an integer by its series, the diffusion map
+# from its formula in float64 with numpy-free torch calls, every layer's states from a stock forward.
+def digamma_int(m: int) -> float:
+    return -0.5772156649015329 + sum(1.0 / i for i in range(1, m))
+
+
+def ksg_literal(x: list[float], y: list[float], k: int) -> float:
+    n, total = len(x), 0.0
+    for i in range(n):
+        eps = sorted(max(abs(x[i] - x[j]), abs(y[i] - y[j])) for j in range(n) if j != i)[k - 1]
+        nx = sum(abs(x[i] - x[j]) < eps for j in range(n) if j != i)
+        ny = sum(abs(y[i] - y[j]) < eps for j in range(n) if j != i)
+        total += digamma_int(nx + 1) + digamma_int(ny + 1)
+    return max(0.0, digamma_int(n) + digamma_int(k) - total / n)
+
+
+def knn_entropy_literal(points: list[tuple[float, ...]], k: int) -> float:
+    n, d = len(points), len(points[0])
+    logs = [math.log(k / (n * sorted(math.dist(p, q) for j, q in enumerate(points) if j != i)[k - 1] ** d))
+            for i, p in enumerate(points)]
+    return -sum(logs) / n
+
+
+def diffusion_literal(dist: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """The diffusion map from its formula (sigma 8, alpha 0.5), signs fixed by each vector's largest entry."""
+    k = torch.exp(-torch.sqrt(dist / 8.0))
+    p = k.sum(0)
+    k1 = k / torch.sqrt(torch.outer(p, p))
+    v = torch.sqrt(k1.sum(0))
+    evals, evecs = torch.linalg.eigh(k1 / torch.outer(v, v))        # symmetric: singular vectors = eigenvectors
+    u = evecs[:, evals.abs().argsort(descending=True)[:dims + 1]]
+    u = u * torch.sign(u[u.abs().argmax(0), torch.arange(dims + 1)])
+    return u[:, 1:] / u[:, :1]
+
+
+def ranks_literal(y: torch.Tensor) -> torch.Tensor:
+    n = y.shape[0]
+    return torch.tensor([[sorted(y[:, c].tolist()).index(y[i, c].item()) / n for c in range(y.shape[1])]
+                         for i in range(n)], dtype=torch.float64)
+
+
+def test_mka_estimators_match_literal_loops():
+    """KSG (continuous samples, so no ties for the jitter to break), the k-NN entropy, the diffusion map and the
+    rank normalization against the literal versions above."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, generator=g, dtype=torch.float64)
+    y = 0.8 * x + 0.6 * torch.randn(40, generator=g, dtype=torch.float64)
+    for k in (3, 5):
+        got = come.ksg_mutual_information(x, y, k, torch.Generator().manual_seed(0))
+        # the estimator is invariant to scaling both samples alike; ours scales each to unit deviation
+        want = ksg_literal((x / x.std(unbiased=False)).tolist(), (y / y.std(unbiased=False)).tolist(), k)
+        assert got == pytest.approx(want, abs=1e-9) and got > 0.2
+    independent = come.ksg_mutual_information(x, torch.randn(40, generator=g, dtype=torch.float64), 5)
+    assert independent < 0.2         # clipped at zero or small for independent samples
+    pts = torch.rand(60, 2, generator=g, dtype=torch.float64)
+    assert come.knn_entropy(pts, 7) == pytest.approx(knn_entropy_literal([tuple(p) for p in pts.tolist()], 7),
+                                                     rel=1e-9)
+    feats = torch.randn(30, 50, generator=g, dtype=torch.float64) * 2
+    dist = torch.cdist(feats, feats).fill_diagonal_(0)
+    emb = come.diffusion_embedding(dist)
+    assert emb.shape == (30, 2) and torch.allclose(emb, diffusion_literal(dist), rtol=1e-6, atol=1e-9)
+    assert torch.equal(come.rank_normalize(emb), ranks_literal(emb))
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa"])
+def test_mka_merges_the_last_two_layers_by_the_similarity_of_stock_states(family, monkeypatch):
+    """MKA: every layer's output from a stock forward (the last one after the final norm, as the hidden-state tuple
+    gives it), the first MKA_TOKENS tokens of each window flattened, distances -> diffusion map -> ranks -> NPIB
+    similarity; then layers 5+6, 4+(5,6), 3+(4,5,6) summed with sigmoid ratios of the similarity rows' means. The
+    model equals that literal weighted sum; the plan replays bit-identically."""
+    monkeypatch.setattr(come, "MKA_TOKENS", 12)         # fewer than the window's 20: the cut is exercised
+    base = make_tiny(family)
+    ids = torch.randint(0, 256, (56, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        states = base(ids, output_hidden_states=True).hidden_states[1:]
+    embeddings = []
+    for s in states:
+        flat = s[:, :12].double().reshape(56, -1)
+        dist = ((flat[:, None] - flat[None]) ** 2).sum(-1).sqrt()
+        embeddings.append(ranks_literal(diffusion_literal(dist)))
+    model = copy.deepcopy(base)
+    plan = come.mka_prune(model, ids, 4, come.ComeConfig(method="mka"))
+    sim = torch.tensor(plan["steps"][0]["npib_similarity"], dtype=torch.float64)
+    assert torch.allclose(sim, come.npib_similarity(embeddings), rtol=1e-9)
+    # without the jitter (ties then fall outside the k-th distance, as in the literal loops), on four layers:
+    # I over the four coordinate pairs, each sample scaled to unit deviation, over sqrt(H_i H_j)
+    unit = [[(e[:, c] / e[:, c].std(unbiased=False)).tolist() for c in range(2)] for e in embeddings[:4]]
+    entropy = [knn_entropy_literal([tuple(p) for p in e.tolist()], 50) for e in embeddings[:4]]
+    literal_sim = [[sum(ksg_literal(unit[i][a], unit[j][b], 5) for a in range(2)
+                        for b in range(2)) / 4 / math.sqrt(entropy[i] * entropy[j]) for j in range(4)] for i in range(4)]
+    assert torch.allclose(come.npib_similarity(embeddings[:4], jitter=0.0), torch.tensor(literal_sim,
+                                                                                        dtype=torch.float64))
+    assert [s["window"] for s in plan["steps"]] == [[5, 6], [4, 5], [3, 4]]
+    assert plan["tree"] == [[0], [1], [2], [3, 4, 5, 6]]
+    layers = base.model.layers
+    merged = {k: v.double() for k, v in layers[6].state_dict().items()}
+    for step, a in zip(plan["steps"], (5, 4, 3)):
+        s_a, s_b = sim[a].mean().item(), sim[a + 1].mean().item()
+        r = 1 / (1 + math.exp(-s_a / (s_a + s_b)))
+        assert step["ratios"] == pytest.approx([r, 1 - r], rel=1e-12) and r > 0.5
+        merged = {k: r * v.double() + (1 - r) * merged[k] for k, v in layers[a].state_dict().items()}
+    literal = drop_copy(base, [4, 5, 6])
+    literal.model.layers[3].load_state_dict({k: v.float() for k, v in merged.items()})
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, literal(ids).logits, atol=1e-4)
+    replayed = copy.deepcopy(base)
+    come.apply_plan(replayed, {"merge": plan, "config": {"fold_norms": False},
+                               "base_fingerprint": come.fingerprint(base)})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), replayed.state_dict().values()))
+
+
+def test_mka_refuses_too_few_windows():
+    with pytest.raises(come.ComeError, match="at least 52 calibration windows, got 51"):
+        come.mka_prune(make_tiny("llama-gqa"), torch.randint(0, 256, (51, 8)), 4, come.ComeConfig(method="mka"))
 
 
 def test_weightsum_with_ratio_one_zero_is_the_first_layer():
@@ -2009,6 +2128,11 @@ def test_compare_with_post_training_plans_every_stop_and_refuses_one_that_does_n
     assert not magnitude["problems"] and magnitude["memory"]["prune"]["disk_gib"] == 0
     parts = magnitude["memory"]["prune"]["parts_bytes"]
     assert not any(v for k, v in parts.items() if k.startswith("hidden-state cache"))
+    mka = tmp_path / "mka.json"                 # MKA: one float64 token block and its windows x windows matrices
+    cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 64,
+        "--method", "mka", "--sparsity", 0.3, "--results", mka)
+    parts = json.loads(mka.read_text())["memory"]["prune"]["parts_bytes"]
+    assert parts["MKA distances"] == 2 ** 26 + 64 * 256 ** 2 and parts["hidden-state cache (disk)"] > 0
     taylor = tmp_path / "taylor.json"           # a method's own terms count: Taylor's gradients while pruning
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 80, "--host-gib", 64,
         "--compare", "come,taylor", "--sparsities", "0.3", "--results", taylor)
@@ -2736,7 +2860,9 @@ def expect_error(capsys, *args, match):
     (["--sparsity", "0"], "(0, 1)"), (["--sparsity", "1.0"], "(0, 1)"),
     (["--sparsity", "0.2", "--target-layers", "3"], "not both"),
     (["--target-layers", "7"], "[1, 6]"), (["--target-layers", "0"], "[1, 6]"),
-    (["--method", "laco", "--repair", "lstsq"], "laco and weightsum merge by their own rule"),
+    (["--method", "laco", "--repair", "lstsq"], "laco, weightsum and mka merge by their own rule"),
+    (["--method", "mka", "--repair", "scale"], "laco, weightsum and mka merge by their own rule"),
+    (["--compare", "come,mka", "--nsamples", "51"], "needs --nsamples of at least 52, not 51"),
     (["--method", "replaceme", "--repair", "lstsq"], "replaceme is a repaired drop already"),
     (["--method", "sleb", "--repair", "lstsq", "--repair-o"], "apply to the CoMe methods"),
     (["--compare", "come,sleb", "--skip-score", "merge"], "apply to the CoMe methods"),
