@@ -46,7 +46,7 @@ Paper map
     --resume (plan written after every merge step)   -> start_merging(resume=), come_prune(on_step=);
                                                         come_runtime.write_plan
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
-    sp --train-memory checkpoint|offload (FSDP2)     -> distill_step; come_runtime.offload_layers;
+    sp --train-memory checkpoint|offload (host AdamW) -> distill_step, layerwise_backward; come_runtime.HostTraining;
                                                         part of the layers on the host: TrainConfig.offload_count
     --post-train best (a recipe that recovers)       -> TrainConfig.from_recipe("best"), train_layers(targets "output")
     --offload-layers (device_map, weights off GPU)   -> come_runtime.load_model, materialized; spare_layer, apply_merge
@@ -282,8 +282,7 @@ def layer_inputs(model, ids: torch.Tensor, batch: int, store: torch.device | Non
 
 def call_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder layer on x, with x and the layer kwargs moved to the layer's device and dtype."""
-    p = next(layer.parameters())
-    dev = torch.device(p.device_mesh.device_type) if hasattr(p, "device_mesh") else device_of(layer)   # FSDP2
+    p, dev = next(layer.parameters()), device_of(layer)
     return layer(x.to(dev, p.dtype, non_blocking=True), **_move(kwargs, dev, p.dtype))
 
 
@@ -1101,7 +1100,7 @@ class TrainConfig:
     loss_windows: int = 4                # first training windows on which the loss per layer is reported
     seed: int = 0                        # window order of every epoch
     save_dtype: str | None = None        # [OURS] dtype of the trained model (None: the student's); e.g. "float32"
-    memory: str = "plain"                # [OURS] sp: "checkpoint" activations or "offload" (+ FSDP2 CPU offload)
+    memory: str = "plain"                # [OURS] sp: "checkpoint" activations or "offload" (+ state on the host)
     offload_count: int | None = None     # [OURS] offload: how many trained layers go to the host (None: all)
 
     @classmethod
@@ -1175,24 +1174,56 @@ def teacher_states(teacher, ids: torch.Tensor, boundaries: set[int]) -> tuple[di
     return out, kwargs
 
 
-def distill_step(student, teacher, states, kwargs, spans, js, tc: TrainConfig) -> dict[int, float]:
+def distill_step(student, teacher, states, kwargs, spans, js, tc: TrainConfig, host=None) -> dict[int, float]:
     """Loss of each student layer in `js` against H^(b_j+1); with gradients enabled, back-propagates their sum.
 
     mp: layer j runs teacher-forced on H^(a_j). sp: the student runs end to end on its own hidden states.
+    [OURS] `host` (come_runtime.HostTraining, --train-memory offload): its layers are staged onto the device only
+    while they run, and the backward runs layer by layer (layerwise_backward) so that each is staged once more.
     """
-    layers, h, outs = decoder_layers(student), states[0], {}
+    layers, h, outs, inputs = decoder_layers(student), states[0], {}, {}
+    layerwise = host is not None and torch.is_grad_enabled()
     for j in js if tc.mode == "mp" else range(max(js) + 1):
         x = states[spans[j][0]] if tc.mode == "mp" else h      # Alg.4 step 3: teacher-forced; Alg.3 step 3: own state
         kw = kwargs[layer_type(student.config, j)]
-        if tc.memory != "plain" and torch.is_grad_enabled():     # [OURS] recompute the layer's activations in backward
+        if layerwise:       # no graph now: each layer's forward is run again in its backward
+            inputs[j] = x
+            with torch.no_grad(), host.staged(j):
+                h = outs[j] = call_layer(layers[j], x, kw)
+        elif tc.memory != "plain" and torch.is_grad_enabled():     # [OURS] activations recomputed in backward
             h = outs[j] = torch.utils.checkpoint.checkpoint(call_layer, layers[j], x, kw, use_reentrant=False)
         else:
-            h = outs[j] = call_layer(layers[j], x, kw)
+            with host.staged(j) if host else contextlib.nullcontext():
+                h = outs[j] = call_layer(layers[j], x, kw)
     norm, head = teacher.model.norm, teacher.get_output_embeddings()
     losses = {j: distill_loss(outs[j], states[spans[j][1] + 1], norm, head, tc.loss, tc.kl_chunk) for j in js}
-    if torch.is_grad_enabled():
+    if layerwise:
+        layerwise_backward(student, inputs, kwargs, {j: g for j, (_, g) in losses.items()}, host)
+    elif torch.is_grad_enabled():
         torch.autograd.backward([outs[j] for j in js], [losses[j][1] for j in js])
     return {j: v for j, (v, _) in losses.items()}
+
+
+def layerwise_backward(student, inputs: dict, kwargs: dict, grads: dict, host) -> None:
+    """[OURS] The backward of an sp step one layer at a time, from the deepest down to the first trained layer: the
+    layer is staged, run again on its saved input with gradients, and back-propagated from the gradient of its output
+    (what came back from above plus its own loss's); the gradient of its input goes on down. The same gradients as
+    autograd through the checkpointed layers."""
+    layers = decoder_layers(student)
+    first = min(j for j in inputs if any(p.requires_grad for p in layers[j].parameters()))
+    g = None
+    for j in sorted(inputs, reverse=True):
+        if j < first:
+            break
+        if j in grads:
+            g = grads[j] if g is None else g + grads[j].to(g.dtype)
+        if g is None:
+            continue
+        x = inputs[j].detach().requires_grad_(j > first)
+        with torch.enable_grad(), host.staged(j):
+            out = call_layer(layers[j], x, kwargs[layer_type(student.config, j)])
+            torch.autograd.backward(out, g.to(out.dtype))
+        g = x.grad
 
 
 def post_train(student, teacher, tree: list[list[int]], ids: torch.Tensor, tc: TrainConfig,
@@ -1255,21 +1286,22 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
         with torch.no_grad():
             for batch in batches:
                 states, kwargs = teacher_states(teacher, batch, boundaries)
-                for j, v in distill_step(student, teacher, states, kwargs, spans, at, tc).items():
+                for j, v in distill_step(student, teacher, states, kwargs, spans, at, tc, host).items():
                     sums[j] += v / len(batches)
         return sums
 
+    host = None     # the losses before training read the layers as they are
     before, n_steps = losses(), tc.epochs * math.ceil(ids.shape[0] / tc.batch_size)
     # INTERPRETATION: trained layers keep fp32 weights while training (a 1e-5 step vanishes in bf16).
     # [OURS] offload: the deepest `offload_count` trained layers (all by default) keep their training state on the
-    # host; the others train on the device. Each group has its own AdamW (FSDP2's DTensors and plain tensors apart).
+    # host (come_runtime.HostTraining, its own AdamW there); the others train on the device.
     on_host = (js if tc.offload_count is None else js[max(len(js) - tc.offload_count, 0):]) \
         if tc.memory == "offload" else []
-    templates = _beside("come_runtime", "--train-memory offload").offload_layers(layers, on_host) if on_host else {}
-    groups = [[p for j in js if (j in on_host) == host
-               for p in (layers[j] if host else layers[j].float()).requires_grad_(True).parameters()]
-              for host in (False, True)]
-    opts = [torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay) for params in groups if params]
+    host = _beside("come_runtime", "--train-memory offload").HostTraining(
+        layers, on_host, lr_of[js[0]], tc.weight_decay) if on_host else None
+    params = [p for j in js if j not in on_host for p in layers[j].float().requires_grad_(True).parameters()]
+    opts = ([torch.optim.AdamW(params, lr=lr_of[js[0]], weight_decay=tc.weight_decay)] if params else []) \
+        + ([host.opt] if host else [])
     # INTERPRETATION: cosine decay from the initial rate to 0 over all steps, no warm-up.
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps) for opt in opts]
     name = f"CoMe-{tc.mode}" + (f" layer {js[0]}" if tc.mode == "mp" else "")
@@ -1280,7 +1312,9 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
             # Alg.3/4 step 3: teacher boundary states of this batch only, never of the whole training set
             states, kwargs = teacher_states(teacher, ids[batch], boundaries)
             # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
-            step_loss = sum(distill_step(student, teacher, states, kwargs, spans, at, tc).values())
+            step_loss = sum(distill_step(student, teacher, states, kwargs, spans, at, tc, host).values())
+            if host:
+                host.wait_for_grads()
             for opt, sched in zip(opts, scheds):
                 opt.step()
                 sched.step()
@@ -1290,14 +1324,12 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
                 bar.set_postfix(loss=f"{step_loss:.4f}")
         log(f"{name} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f}")
     after_fp32 = losses()
+    if host:    # plain layers on the device again, with the trained weights
+        log(f"{name}: offloaded training state {host.host_bytes / 2**20:,.1f} MiB on the host; on the device at most "
+            f"{host.peak_device_bytes / 2**20:,.1f} MiB (one staged layer and its gradients)")
+        host.finish()
     for j in js:
-        if j in on_host:    # plain layers again, with the trained weights gathered from the host
-            full = {k: v.full_tensor() for k, v in layers[j].state_dict().items()}
-            layers[j] = templates[j].to_empty(device=templates["device"]).float()
-            layers[j].load_state_dict(full)
         layers[j].requires_grad_(False).to(dtype)
-    if templates and templates["own_group"]:
-        torch.distributed.destroy_process_group()
     after = losses() if dtype != torch.float32 else after_fp32
     for j in at:
         if after[j] - after_fp32[j] > 0.5 * (before[j] - after_fp32[j]) > 0:

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "only merged ones (best: on)")
     g.add_argument("--train-memory", choices=("auto", "plain", "checkpoint", "offload"), default="auto",
                    help="sp: plain, checkpoint (recompute activations in backward), or offload (also the trained "
-                        "layers' fp32 weights, gradients and AdamW state to the host, torch FSDP2); auto: the first "
+                        "layers' fp32 weights, gradients and AdamW state to the host, a layer on the device only "
+                        "while it runs); auto: the first "
                         "the memory plan fits [ours]")
     g = ap.add_argument_group("output")
     g.add_argument("--save", help="output folder (default: pruned/<model>-<method>)")
@@ -376,7 +377,7 @@ def prepare(args) -> Job:
     rank, world, device = rt.distributed(args.device) if args.post_train == "mp" else (0, 1, args.device)
     args.device = rt.resolve_device(device)      # "cuda" -> "cuda:N", once; every CUDA call below takes it
     if args.device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(torch.device(args.device))     # every kernel and FSDP2 on the run's GPU
+        torch.cuda.set_device(torch.device(args.device))     # every kernel on the run's GPU
     plan_in = rt.read_plan(args.apply_plan) if args.apply_plan else None
     if plan_in and args.sparsity is not None:
         raise ComeError("--apply-plan fixes the depth (--target-layers picks a shallower depth the plan passes "

@@ -1,6 +1,7 @@
 """What a come.py run needs beyond the method [OURS]: the cache folder and atomic writes, plans on disk, the
-hidden-state cache on disk, accelerate's device_map offload and torch FSDP2 CPU offload, peak memory, and the memory
-plan that places the hidden-state cache and refuses a run that cannot fit (docs/paper-scale.md).
+hidden-state cache on disk, accelerate's device_map offload, the host-side training state of --train-memory
+offload, peak memory, and the memory plan that places the hidden-state cache and refuses a run that cannot fit
+(docs/paper-scale.md).
 
 Imports: come.py (the error class, logging, device helpers) and nothing else of the repository; come_eval.py and
 come_cli.py import this module. come.py loads it only inside its opt-in paths (a disk cache, --train-memory offload).
@@ -176,7 +177,7 @@ def read_progress(path: Path, identity: dict) -> dict | None:
     return plan["merge"]
 
 
-# ============================================================================ devices: device_map and FSDP2 offload
+# ====================================================================== devices: device_map, offloaded training state
 def disk_buffer(like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor shaped like `like` in a memory-mapped file under the cache folder, unlinked at once:
     nothing is left behind, and the space is freed with the tensor (the hidden-state cache on disk)."""
@@ -204,34 +205,108 @@ def load_model(path: str, device: str, dtype: torch.dtype, offload: int = 0):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
 
-def offload_layers(layers: nn.ModuleList, js: list[int]) -> dict:
-    """sp --train-memory offload: torch FSDP2 CPU offload of the layers `js` in a one-process group.
+class HostTraining:
+    """sp --train-memory offload: the float32 training state of the trained layers `js` lives in host memory, and a
+    layer's float32 weights are on the compute device only while it runs.
 
-    Their fp32 weights, gradients and AdamW moments live in host memory (the optimizer steps there); each layer is
-    gathered onto the compute device only while it runs and resharded right after its forward (FSDP2 keeps a root
-    module gathered until backward otherwise, and every layer here is a root). Returns empty copies (meta device)
-    to rebuild plain layers.
+    Per layer the host holds its master weights and its gradients (one flat buffer each) and AdamW's two moments;
+    the optimizer steps there (`opt`). `staged(j)` copies layer j's weights onto the device for a forward (or a
+    forward and its backward, which come.distill_step runs layer by layer) and frees them after it. Every gradient
+    leaves the device as soon as it is accumulated (a post-accumulate-grad hook copies it into the host buffer and
+    drops it). So the device holds, of training state, one layer's float32 weights and at most its gradients
+    (`peak_device_bytes` counts them) whatever the number of trained layers, and the host 16 bytes per trained
+    parameter (`host_bytes`). On a GPU the two flat buffers of a layer are page-locked by registering them at their
+    exact size (no power-of-two rounding of CUDA's host allocator) and unregistered by `finish`.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-    dev = device_of(layers[js[0]])
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)      # FSDP2 computes on the current device: cuda:N, not cuda:0
-    own = not torch.distributed.is_initialized()
-    if own:
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1,
-                                             store=torch.distributed.HashStore())
-    mesh = init_device_mesh(dev.type, (1,))
-    templates = {j: copy.deepcopy(layers[j]).to("meta") for j in js} | {"device": dev, "own_group": own}
-    for j in js:
-        fully_shard(layers[j].float(), mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=dev.type == "cuda"))
-        layers[j].set_reshard_after_forward(True)
-    return templates
+
+    def __init__(self, layers: nn.ModuleList, js: list[int], lr: float, weight_decay: float,
+                 pin: bool | None = None):
+        self.layers, self.device, self.trained = layers, device_of(layers[js[0]]), list(js)
+        self.pin = self.device.type == "cuda" if pin is None else pin
+        self.state, self.hooks, self.registered, masters = {}, [], [], []
+        self.device_bytes = self.peak_device_bytes = self.host_bytes = 0
+        for j in js:
+            named = list(layers[j].named_parameters())
+            total = sum(p.numel() for _, p in named)
+            weights, grads = torch.empty(total, dtype=torch.float32), torch.zeros(total, dtype=torch.float32)
+            if self.pin:
+                for buf in (weights, grads):
+                    self._register(buf)
+            pairs, offset = [], 0
+            for _, p in named:
+                n = p.numel()
+                master = nn.Parameter(weights[offset:offset + n].view_as(p).copy_(p.detach()))
+                grad = grads[offset:offset + n].view_as(p)
+                master.grad = grad
+                p.data = torch.empty(0, dtype=torch.float32, device=self.device)    # released until staged
+                p.requires_grad_(True)
+                self.hooks.append(p.register_post_accumulate_grad_hook(functools.partial(self._offload_grad, grad)))
+                pairs.append((p, master, grad))
+                offset += n
+            self.state[j] = pairs
+            masters += [m for _, m, _ in pairs]
+            self.host_bytes += total * 16       # master weights and gradients, AdamW's exp_avg and exp_avg_sq
+        self.opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay)
+
+    def _register(self, buf: torch.Tensor) -> None:
+        rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+        if int(rc) != 0:
+            raise ComeError(f"could not page-lock {buf.numel() * 4 / 2**30:.2f} GiB of host memory for the offloaded "
+                            f"training state (CUDA error {int(rc)}); raise the memlock limit or train fewer layers on "
+                            "the host (--train-memory checkpoint)")
+        self.registered.append(buf)
+
+    def _count(self, change: int) -> None:
+        self.device_bytes += change
+        self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
+
+    def _offload_grad(self, host: torch.Tensor, param: torch.Tensor) -> None:
+        self._count(param.grad.numel() * 4)
+        host.copy_(param.grad, non_blocking=self.pin)
+        param.grad = None
+        self._count(-host.numel() * 4)
+
+    @contextlib.contextmanager
+    def staged(self, j: int):
+        """Layer j's float32 weights on the device for the duration (nothing to do for a layer not held here)."""
+        pairs = self.state.get(j, [])
+        for p, master, _ in pairs:
+            p.data = master.detach().to(self.device, non_blocking=self.pin)
+        staged = sum(m.numel() for _, m, _ in pairs) * 4
+        self._count(staged)
+        try:
+            yield
+        finally:
+            for p, _, _ in pairs:
+                p.data = torch.empty(0, dtype=torch.float32, device=self.device)
+            self._count(-staged)
+
+    def wait_for_grads(self) -> None:
+        """Before the optimizer reads the host gradients: every copy has landed (and a zero_grad(set_to_none) of the
+        optimizer has not detached the buffers)."""
+        if self.pin and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for pairs in self.state.values():
+            for _, master, grad in pairs:
+                master.grad = grad
+
+    def finish(self) -> None:
+        """Plain float32 parameters on the device again, with the trained weights; hooks removed, memory unlocked."""
+        for pairs in self.state.values():
+            for p, master, _ in pairs:
+                p.data = master.detach().to(self.device)
+        for hook in self.hooks:
+            hook.remove()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for buf in self.registered:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self.state, self.registered, self.opt = {}, [], None
 
 
 def resolve_device(device: str) -> str:
     """The run's device, resolved once: "cuda" becomes "cuda:N" (N: the current GPU) and "cuda:N" is checked against
-    the GPUs torch sees, so that every CUDA call after it (set_device, synchronize, peak memory, the FSDP2 mesh) names
+    the GPUs torch sees, so that every CUDA call after it (set_device, synchronize, peak memory, staged layers) names
     one indexed device. Without CUDA (a --dry-run for a GPU) "cuda" plans for "cuda:0"."""
     try:
         dev = torch.device(device)
@@ -345,7 +420,7 @@ def gpu_peaks(device: str, reset: bool = True) -> dict[str, float] | None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "empty_host_cache"):
-            torch.accelerator.empty_host_cache()        # pinned host blocks CUDA keeps cached (FSDP2 offload's)
+            torch.accelerator.empty_host_cache()        # pinned host blocks CUDA keeps cached (a pinned cache's)
     return peaks
 
 
@@ -400,16 +475,15 @@ def pinned_bytes(nbytes: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def parameter_counts(config_json: str) -> tuple[int, int, int, int]:
-    """(parameters of the model, of one decoder layer, of its largest weight, and the pinned bytes of one layer's
-    float32 tensors, each rounded as the host allocator rounds it) from the config alone (meta device); cached, since
-    a plan's search for placements asks for them many times."""
+def parameter_counts(config_json: str) -> tuple[int, int, int]:
+    """(parameters of the model, of one decoder layer, of its largest weight) from the config alone (meta device);
+    cached, since a plan's search for placements asks for them many times."""
     config = AutoConfig.for_model(**json.loads(config_json))
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     layer = meta.model.layers[0]
     return (sum(p.numel() for p in meta.parameters()), sum(p.numel() for p in layer.parameters()),
-            max(p.numel() for p in layer.parameters()), sum(pinned_bytes(p.numel() * 4) for p in layer.parameters()))
+            max(p.numel() for p in layer.parameters()))
 
 
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
@@ -436,7 +510,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     """
     e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
         config.num_hidden_layers
-    total, per_layer, biggest, pinned_layer = parameter_counts(config.to_json_string())
+    total, per_layer, biggest = parameter_counts(config.to_json_string())
     one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
     # one-shot drops scored from the weights or the gradients keep no hidden states (unless a repair reads them)
     no_cache = cfg.method in ("taylor", "taylor+", "magnitude", "magnitude+", "reverse") and not repair
@@ -500,10 +574,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         n = target if tc.train_all else L - target          # trained layers (span-2 merges: one per removed layer)
         live, off = 1 if tc.mode == "mp" else n, tc.mode == "sp" and tc.memory == "offload"
         away_n = (n if tc.offload_count is None else min(tc.offload_count, n)) * off   # training state on the host
-        # on the host per offloaded layer: float32 weights and gradients in pinned memory (on a GPU run each tensor
-        # rounded up to a power of two by CUDA's host allocator: Llama-2-7b's 172 MiB projections take 256 MiB),
-        # and the two AdamW moments in ordinary memory
-        host_state = 2 * (pinned_layer if gpu else per_layer * 4) + per_layer * 8
+        # on the host per offloaded layer (HostTraining): float32 master weights and gradients (on a GPU run page-
+        # locked by registration at their exact size) and the two AdamW moments
+        host_state = per_layer * 16
         seqlen = tc.seqlen or seqlen                                  # the training window
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
         student = weights + merged if mapped else student_params * e - \
@@ -517,7 +590,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                      (live - away_n) * per_layer * (16 - e),
                  f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * host_state,
                  "AdamW temporaries": foreach,
-                 "gathered layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
+                 "staged layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,

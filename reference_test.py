@@ -30,8 +30,8 @@ from conftest import FAMILIES, TINY, make_tiny, tiny_text
 # Tolerances, stated once. fp32 on CPU: merged layer vs the per-head loop oracle differ only by summation order.
 ATOL_LAYER = 2e-5
 ATOL_SCORE = 1e-5     # relative, for scores accumulated in a different order
-# float32 training along two code paths that sum the gradients in another order (activation checkpointing, FSDP2
-# CPU offload, one merged layer at a time): each gradient element differs by ~sqrt(K) float32 epsilons (K terms
+# float32 training along two code paths that sum the gradients in another order (activation checkpointing, the
+# host-side offload, one merged layer at a time): each gradient element differs by ~sqrt(K) float32 epsilons (K terms
 # summed, thousands here: ~1e-5 relative). Adam's step lr * m / sqrt(v) is scale-free, so an element whose gradient
 # sits at that rounding level moves by up to ~lr per step either way: no elementwise tolerance follows from the
 # arithmetic, a norm-wise one does. Two runs agree when their weight updates differ by less than TRAIN_RTOL of the
@@ -1930,22 +1930,16 @@ def test_save_dtype_keeps_fp32_updates_and_the_cast_warning():
 
 
 @pytest.mark.parametrize("memory,count", [("checkpoint", None), ("offload", None), ("offload", 1), ("offload", 9)])
-def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, count, monkeypatch):
+def test_sp_with_checkpointing_or_host_offload_equals_plain_training(memory, count, monkeypatch):
     """count 1: only the deepest trained layer's state on the host, the others train in place (two AdamWs); count 9,
     more than the trained layers: all of them on the host (never a slice that wraps around)."""
-    seen, on_host, real_offload = [], [], come_runtime.offload_layers
+    held, real = [], come_runtime.HostTraining
 
-    def spy_offload(layers, js):
-        on_host.append(list(js))
-        return real_offload(layers, js)
-    monkeypatch.setattr(come_runtime, "offload_layers", spy_offload)
-
-    class SpyAdamW(torch.optim.AdamW):
-        def __init__(self, params, **kwargs):
-            params = list(params)
-            seen.extend(type(p).__name__ for p in params)
-            super().__init__(params, **kwargs)
-    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    class Spy(real):
+        def __init__(self, layers, js, *args, **kwargs):
+            held.append(list(js))
+            super().__init__(layers, js, *args, **kwargs)
+    monkeypatch.setattr(come_runtime, "HostTraining", Spy)
     runs = []
     for mode in ("plain", memory):
         teacher, student, tree, ids = pruned_pair("qwen3")
@@ -1956,15 +1950,91 @@ def test_sp_with_checkpointing_or_fsdp2_offload_equals_plain_training(memory, co
     (a, rows_a), (b, rows_b) = runs
     assert_same_training(a.state_dict(), b.state_dict(), before)
     assert [r["loss_after"] for r in rows_b] == pytest.approx([r["loss_after"] for r in rows_a], rel=TRAIN_RTOL)
-    assert all(type(p) is torch.nn.Parameter for p in b.parameters())      # plain layers again after offloading
-    assert ("DTensor" in seen) == (memory == "offload") and not torch.distributed.is_initialized()
-    trained = len(rows_a)                   # one loss row per trained (merged) layer here
-    per_layer = len(list(come.decoder_layers(a)[0].parameters()))
+    assert all(type(p) is torch.nn.Parameter and p.numel() > 0 and not p._post_accumulate_grad_hooks
+               for p in b.parameters())            # plain layers again, no hook left behind
     layers = [r["layer"] for r in rows_a]
-    assert on_host == ([layers[-1:]] if count == 1 else [layers] if memory == "offload" else [])     # the deepest
-    if count == 1:                          # the deepest layer's tensors went to the host, the others did not
-        assert trained >= 2 and seen.count("DTensor") == per_layer and \
-            seen.count("Parameter") == trained * per_layer + (trained - 1) * per_layer
+    assert held == ([layers[-1:]] if count == 1 else [layers] if memory == "offload" else [])     # the deepest
+
+
+def resident_training_bytes(layers, js) -> int:
+    """Bytes of the storages behind the float32 weights and the gradients of the trained layers `js` now (a storage
+    shared by several parameters counted once)."""
+    params = [p for j in js for p in layers[j].parameters()]
+    return storage_bytes([p for p in params if p.dtype == torch.float32] + [p.grad for p in params
+                                                                            if p.grad is not None])
+
+
+def test_offloaded_training_keeps_one_layer_of_state_on_the_device_whatever_the_layer_count(monkeypatch):
+    """--train-memory offload with 1, 3 and 6 trained layers (6: every layer of the student, as --post-train best
+    trains them: --train-all, one loss at the output): read from
+    the parameters themselves at every layer's forward and at every gradient, the float32 weights and gradients held
+    in the trained layers' parameters never exceed the plan's term for the running layer (its weights and gradients,
+    8 bytes a parameter) and do not grow with the number of layers; the host holds 16 bytes per trained parameter."""
+    held, real, peaks = [], come_runtime.HostTraining, {}
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held.append(self)
+    monkeypatch.setattr(come_runtime, "HostTraining", Spy)
+    for target, train_all in ((6, False), (4, False), (6, True)):
+        teacher = make_tiny("llama-gqa")
+        student = copy.deepcopy(teacher)
+        come.keep_layers(student, list(range(target)))
+        tree = [[2 * i, 2 * i + 1] if i < 7 - target else [i + 7 - target] for i in range(target)]
+        layers, seen = come.decoder_layers(student), []
+        trained = list(range(target)) if train_all else list(range(7 - target))
+        training = len(held)        # observed while this run's offloaded training is on (built, not finished)
+
+        def observe(extra: int = 0) -> None:
+            if len(held) > training and held[-1].opt is not None:
+                seen.append(resident_training_bytes(layers, trained) + extra)
+        for layer in layers:
+            layer.register_forward_hook(lambda *a: observe())
+            for p in layer.parameters():
+                p.register_hook(lambda g: observe(g.numel() * 4))
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        come.post_train(student, teacher, tree, ids, come.TrainConfig(  # train_all: as --post-train best trains
+            mode="sp", lr=1e-3, memory="offload", train_all=train_all, targets="output" if train_all else "merged"))
+        per_layer = sum(p.numel() for p in layers[0].parameters())
+        assert held[-1].trained == trained and held[-1].host_bytes == 16 * per_layer * len(trained)
+        assert 4 * per_layer <= max(seen) <= 8 * per_layer      # the running layer was there, and no more
+        assert held[-1].peak_device_bytes <= 8 * per_layer
+        peaks[len(trained)] = max(seen)
+    assert list(peaks) == [1, 3, 6] and len(set(peaks.values())) == 1, peaks
+
+
+def test_offloaded_state_is_page_locked_at_its_exact_size_and_unlocked_after(monkeypatch):
+    """On a GPU each trained layer's master weights and gradients are registered page-locked at their exact byte
+    size (no power-of-two rounding) and unregistered when training ends (a fake cudart stands in on the CPU)."""
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    model = make_tiny("llama-gqa")
+    layers = come.decoder_layers(model)
+    host = come_runtime.HostTraining(layers, [2, 5], 1e-3, 0.0, pin=True)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    assert [c[2] for c in calls] == [per_layer * 4] * 4 and all(p.numel() == 0 for p in layers[2].parameters())
+    registered = [c[1] for c in calls]
+    with host.staged(2):
+        assert all(p.numel() > 0 and p.dtype == torch.float32 for p in layers[2].parameters())
+    host.finish()
+    assert [c[1] for c in calls[4:]] == registered and all(c[0] == "unregister" for c in calls[4:])
+    assert all(p.numel() > 0 for p in layers[5].parameters())
+
+
+def test_host_training_says_what_to_do_when_memory_cannot_be_locked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: type("C", (), {"cudaHostRegister": lambda s, *a: 2})())
+    with pytest.raises(come.ComeError, match="raise the memlock limit"):
+        come_runtime.HostTraining(come.decoder_layers(make_tiny("llama-gqa")), [1], 1e-3, 0.0, pin=True)
 
 
 # ============================================================================ memory plan, cache placement, resume
@@ -2057,10 +2127,8 @@ def test_dry_run_plans_a_paper_model_offline(tmp_path, capsys):
 def test_post_training_every_layer_at_7b_fits_by_moving_what_the_host_holds_to_the_host(tmp_path, capsys):
     """--post-train best at 7B on a 40 GiB GPU with 64 GiB of host: all 22 trained layers' state on the host (67 GiB)
     does not fit; the plan moves as many layers' state there as the host holds (the rest train on the GPU), counts
-    on the host pinned float32 weights and gradients (each tensor rounded up to a power of two, as CUDA's host
-    allocator does) and 8 bytes a parameter of AdamW moments, 16 - 2 on the GPU (bf16 weights already counted), and
-    names what would help
-    when nothing fits."""
+    16 bytes a parameter on the host (float32 weights, gradients and AdamW moments), 16 - 2 on the GPU (bf16 weights
+    already counted), and names what would help when nothing fits."""
     common = ["--model", "meta-llama/Llama-2-7b-hf", "--sparsity", 0.3, "--method", "sleb", "--dry-run", "--device",
               "cuda", "--gpu-gib", 40, "--host-gib", 64, "--post-train", "best"]
     config = come_cli.load_config("meta-llama/Llama-2-7b-hf", builtin=True)
@@ -2069,10 +2137,8 @@ def test_post_training_every_layer_at_7b_fits_by_moving_what_the_host_holds_to_t
     k = plan["train_offload_count"]
     parts = plan["memory"]["post_train"]["parts_bytes"]
     assert not plan["problems"] and plan["train_memory"] == "offload" and 0 < k < 22
-    layer = come.meta_model(config).model.layers[0]       # pinned float32 weights and gradients, each tensor rounded
-    pinned = sum(2 ** math.ceil(math.log2(p.numel() * 4)) for p in layer.parameters())     # up to a power of two
-    assert pinned == 4 * 64 * 2**20 + 3 * 256 * 2**20 + 2 * 16 * 2**10        # q, k, v, o; gate, up, down; 2 norms
-    assert parts[f"training state ({k} layers, on the host)"] == k * (2 * pinned + 8 * per_layer)
+    # master weights and gradients in float32, page-locked at their exact size, and two float32 AdamW moments
+    assert parts[f"training state ({k} layers, on the host)"] == k * 16 * per_layer
     assert parts[f"training state ({22 - k} layers)"] == (22 - k) * 14 * per_layer
     assert plan["memory"]["post_train"]["host_gib"] <= 64 and plan["memory"]["post_train"]["gpu_gib"] <= 40
     assert f"{k} trained layers' state on the host" in capsys.readouterr().out
@@ -2256,25 +2322,6 @@ def test_catcher_keeps_one_copy_of_the_first_layer_input(monkeypatch):
     h0, kwargs = come.layer_inputs(model, ids, batch=1, store=torch.device("meta"))
     assert len(stored) == 3 and all(t.device.type == "meta" for t in stored)     # one per window, not per layer
     assert h0.shape == (3, 20, model.config.hidden_size) and set(kwargs) == set(model.config.layer_types)
-
-
-def test_fsdp2_offloaded_layers_are_resharded_after_forward():
-    """Each FSDP2-wrapped layer is a root; without resharding its gathered fp32 weights stay until backward."""
-    model = make_tiny("llama-gqa")
-    layers = come.decoder_layers(model)
-    cache = come.HiddenStates(model, torch.randint(0, 256, (1, 16)))
-    templates = come_runtime.offload_layers(layers, [1, 2, 3])
-    try:
-        h = cache.states[0].requires_grad_(True)
-        for l in range(4):
-            h = cache.run_layer(layers[l], l, h)
-        kinds = {l: {type(p).__name__ for p in layers[l].parameters()} for l in (1, 2, 3)}
-        assert kinds == {l: {"DTensor"} for l in (1, 2, 3)}           # sharded again, not gathered
-        h.float().pow(2).mean().backward()
-        assert all(p.grad is not None for l in (1, 2, 3) for p in layers[l].parameters())
-    finally:
-        if templates["own_group"]:
-            torch.distributed.destroy_process_group()
 
 
 def test_offloaded_layer_weights_are_loaded_once_per_loop_not_per_window(tiny_folder, calib_txt, monkeypatch):

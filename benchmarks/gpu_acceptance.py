@@ -12,9 +12,9 @@ is data/moby_dick.txt. On a GPU larger than the budget, torch.cuda.set_per_proce
 and --gpu-gib tells the plan, so a run that would not fit an A100-40GB fails here as it would there.
 
 Phases (each one come.py process): prune with the hidden-state cache on the GPU, in host memory and on disk;
-come+; one CoMe-P step; CoMe-mp and CoMe-sp (FSDP2 CPU offload) and --post-train best on the pruned plan; the
-speed of the pruned model against the dense one (--latency, SLEB's protocol); and a prune with 8 decoder layers
-offloaded (--offload-layers 8, forced) and the cache in host memory under a 16 GiB budget.
+come+; one CoMe-P step; CoMe-mp and CoMe-sp (training state offloaded to the host) and --post-train best on the
+pruned plan; the speed of the pruned model against the dense one (--latency, SLEB's protocol); and a prune with 8
+decoder layers offloaded (--offload-layers 8, forced) and the cache in host memory under a 16 GiB budget.
 The memory cap applies to the run's device; come.py releases the allocator's cache between phases, so each phase's
 peak reserved memory is its own and is judged against that phase's plan. For each: planned GPU and host
 GiB, measured peak reserved and allocated GPU memory and peak host RSS, wall time. Exit status 1 when a measured
@@ -71,7 +71,7 @@ def phases(model: Path, calib: Path, train: Path, work: Path, budget: float, dev
         ("prune come+", common + ["--method", "come+", "--sparsity", "0.3"], budget, "come-plus"),
         ("one CoMe-P step", common + ["--method", "come-p", "--target-layers", str(layers - 1)], budget, "come-p"),
         ("CoMe-mp post-training", common + train_args + ["--post-train", "mp"], budget, "mp"),
-        ("CoMe-sp post-training, FSDP2 offload", common + train_args + ["--post-train", "sp", "--train-memory",
+        ("CoMe-sp post-training, offload", common + train_args + ["--post-train", "sp", "--train-memory",
                                                                          "offload"], budget, "sp"),
         ("--post-train best", common + train_args + ["--post-train", "best"], budget, "best"),
         # the speed of the pruned model against the dense one (SLEB's protocol on a GPU; a token's worth on a CPU)
