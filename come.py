@@ -1836,14 +1836,20 @@ def mka_ratios(sim: torch.Tensor, i: int, j: int, beta: float = MKA_BETA) -> tup
     return r_i, 1.0 - r_i
 
 
+def check_mka_windows(windows: int) -> None:
+    if windows <= MKA_ENTROPY_NEIGHBORS + 1:
+        raise ComeError(f"MKA estimates entropy from each window's {MKA_ENTROPY_NEIGHBORS}th neighbor: it needs at "
+                        f"least {MKA_ENTROPY_NEIGHBORS + 2} calibration windows, got {windows}; cut the text into "
+                        f"shorter windows (--seqlen {MKA_TOKENS}: MKA reads the first {MKA_TOKENS} tokens of each) or "
+                        "give more of it (--nsamples)")
+
+
 def mka_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
     """MKA: layer similarities from the dense model's calibration states (window_distances -> diffusion_embedding ->
     rank_normalize -> npib_similarity), computed once; then, until the target depth, the last two layers are merged
     by weighted_sum_merge with mka_ratios of their similarity rows."""
-    t0, L, windows = time.perf_counter(), len(decoder_layers(model)), calib_ids.shape[0]
-    if windows <= MKA_ENTROPY_NEIGHBORS + 1:
-        raise ComeError(f"MKA estimates entropy from each window's {MKA_ENTROPY_NEIGHBORS}-th neighbor: it needs at "
-                        f"least {MKA_ENTROPY_NEIGHBORS + 2} calibration windows, got {windows} (raise --nsamples)")
+    t0, L = time.perf_counter(), len(decoder_layers(model))
+    check_mka_windows(calib_ids.shape[0])
     cache = HiddenStates(model, calib_ids, cache_device)
     cache.refresh(0, desc="MKA states")
     tokens = min(MKA_TOKENS, calib_ids.shape[1])

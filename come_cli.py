@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoTokenizer
 import come_eval as ev          # data and evaluation (text sources, perplexity, lm-eval tasks, reports)
 import come_runtime as rt       # machinery beyond the method: files, devices, memory plan
 from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REDUCTIONS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES,
-                  TRAIN_WINDOWS, ComeConfig, ComeError, TrainConfig, apply_plan, check_supported, come_plus,
+                  TRAIN_WINDOWS, ComeConfig, ComeError, TrainConfig, apply_plan, check_mka_windows, check_supported,
+                  come_plus,
                   count_params, decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train,
                   replay_step, span_for)
 
@@ -244,9 +245,6 @@ def validate(args, ap) -> None:
     if args.granularity < 1 or (args.nsamples is not None and args.nsamples < 1) or args.seqlen < 2 or \
             (args.score_windows is not None and args.score_windows < 1):
         ap.error("--granularity, --nsamples, --seqlen and --score-windows must be positive")
-    if "mka" in methods and args.nsamples is not None and args.nsamples < 52:
-        ap.error(f"mka estimates entropy from each window's 50th neighbor: it needs --nsamples of at least 52, "
-                 f"not {args.nsamples}")
     if args.post_train != "none":
         # [OURS] unset post-training flags take the recipe's value: the paper's for sp / mp, ours for best
         for key, value in recipe_defaults("best" if args.post_train == "best" else "paper").items():
@@ -447,6 +445,8 @@ def prepare(args) -> Job:
             if not args.dry_run:
                 raise
             log(f"--dry-run: calibration text '{calib}' not at hand; planning {args.nsamples} windows of {args.seqlen}")
+    if job.calib_ids is not None and "mka" in (args.compare or args.method).split(","):
+        check_mka_windows(job.calib_ids.shape[0])       # before any method runs, not after the others
     job.latency = ev.latency_settings(args.latency_sizes, args.device) if args.latency or args.latency_sizes else None
     job.memory = plan_memory(job)
     return job

@@ -6,6 +6,7 @@ Run `pytest` (about a minute); `pytest --run-slow` adds the SmolLM2-135M end-to-
 """
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1419,7 +1420,7 @@ def test_mka_merges_the_last_two_layers_by_the_similarity_of_stock_states(family
 
 
 def test_mka_refuses_too_few_windows():
-    with pytest.raises(come.ComeError, match="at least 52 calibration windows, got 51"):
+    with pytest.raises(come.ComeError, match=r"at least 52 calibration windows, got 51; .*--seqlen 512"):
         come.mka_prune(make_tiny("llama-gqa"), torch.randint(0, 256, (51, 8)), 4, come.ComeConfig(method="mka"))
 
 
@@ -2909,7 +2910,7 @@ def expect_error(capsys, *args, match):
     (["--target-layers", "7"], "[1, 6]"), (["--target-layers", "0"], "[1, 6]"),
     (["--method", "laco", "--repair", "lstsq"], "laco, weightsum and mka merge by their own rule"),
     (["--method", "mka", "--repair", "scale"], "laco, weightsum and mka merge by their own rule"),
-    (["--compare", "come,mka", "--nsamples", "51"], "needs --nsamples of at least 52, not 51"),
+    (["--compare", "come,mka"], "at least 52 calibration windows, got"),
     (["--method", "replaceme", "--repair", "lstsq"], "replaceme is a repaired drop already"),
     (["--method", "sleb", "--repair", "lstsq", "--repair-o"], "apply to the CoMe methods"),
     (["--compare", "come,sleb", "--skip-score", "merge"], "apply to the CoMe methods"),
@@ -3084,11 +3085,7 @@ def test_smollm2_post_training_mp_lowers_layer_losses_and_perplexity(tmp_path):
 def test_gpu_acceptance_script_runs_every_phase_on_a_small_model_on_the_cpu(tmp_path):
     """The acceptance script's phases, table and JSON on a narrow 6-layer Llama-2 shape on the CPU (its GPU-only
     settings replaced), so that a GPU run meets no plumbing error; its command line refuses without CUDA."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", Path(__file__).parent / "benchmarks" /
-                                                  "gpu_acceptance.py")
-    acceptance = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(acceptance)
+    acceptance = load_acceptance()
     shape = {"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4, "num_key_value_heads": 4,
              "num_hidden_layers": 6}
     rows, text = acceptance.acceptance(tmp_path / "out", 40.0, device="cpu", shape=shape)
@@ -3107,6 +3104,75 @@ def test_gpu_acceptance_script_runs_every_phase_on_a_small_model_on_the_cpu(tmp_
     assert all(r.get("cut") for r in cut_rows) and cut_text.count("cut: past the deadline") == len(cut_rows)
     assert json.loads((tmp_path / "cut" / "acceptance.json").read_text())["rows"] == cut_rows
     assert acceptance.main(["--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
+
+
+def load_acceptance():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", Path(__file__).parent / "benchmarks" /
+                                                  "gpu_acceptance.py")
+    acceptance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acceptance)
+    return acceptance
+
+
+def test_acceptance_scheduler_runs_phases_side_by_side_as_far_as_their_plans_fit():
+    """A simulated clock: A (30 GiB of GPU) and B (20) start together in 50 GiB; E (1) starts when B leaves room, D
+    (35) when A does; C waits for A (it replays A's model); past the deadline nothing starts and the rest is cut;
+    every row says which phases ran beside it; rows come back in the phases' order."""
+    acceptance = load_acceptance()
+    now, log, asked = [0.0], [], []
+    lengths = {"A": 10, "B": 4, "C": 5, "D": 3, "E": 1}
+    needs = {"A": 30, "B": 20, "C": 10, "D": 35, "E": 1}
+
+    def plan(label):
+        asked.append(label)
+        return {"gpu": needs[label], "host": 1.0, "disk": 0.0}
+
+    def start(ph):
+        log.append(("start", ph["label"], now[0]))
+        return now[0] + lengths[ph["label"]]
+
+    def wait(running):
+        label = min(running, key=lambda k: running[k][1])
+        now[0] = running[label][1]
+        log.append(("end", label, now[0]))
+        return label, {"phase": label, "seconds": lengths[label]}
+    phases = [{"name": k, "label": k, "needs": ["A"] if k == "C" else [], "plan": functools.partial(plan, k)}
+              for k in "ABCDE"]
+    seen = []
+    rows = acceptance.schedule(phases, {"gpu": 50.0, "host": 100.0, "disk": 1.0}, start, wait, deadline_s=12.0,
+                               clock=lambda: now[0], on_row=lambda r: seen.append(len(r)))
+    starts = {label: t for kind, label, t in log if kind == "start"}
+    # A + B fill 50; E (1) fits once B has left; D (35) only once A has left, and C waits for A as well
+    assert starts == {"A": 0.0, "B": 0.0, "E": 4.0, "C": 10.0, "D": 10.0}
+    assert [r["phase"] for r in rows] == list("ABCDE") and not any(r.get("cut") for r in rows)
+    assert rows[0]["beside"] == ["B", "E"] and rows[2]["beside"] == ["D"] and rows[4]["beside"] == ["A"]
+    assert sorted(asked) == sorted(set(asked)) and seen[-1] == 5
+    now[0], log[:] = 0.0, []
+    late = acceptance.schedule([dict(p) for p in phases], {"gpu": 50.0, "host": 100.0, "disk": 1.0}, start, wait,
+                               deadline_s=5.0, clock=lambda: now[0], parallel=1)
+    assert [r.get("cut", False) for r in late] == [False, True, True, True, True]     # one at a time: A, then cut
+
+
+def test_acceptance_scheduler_runs_two_come_processes_at_once(tiny_folder, calib_txt, tmp_path):
+    """Two real come.py prunes of a tiny model started by the acceptance script's own launcher, side by side: they
+    overlap in time, each row has its plan and its measured peak, and a phase that waits for the other starts
+    after it."""
+    acceptance = load_acceptance()
+    folder = tiny_folder("llama-gqa")
+    common = ["--model", str(folder), "--calib", str(calib_txt), "--seqlen", "64", "--target-layers", "4",
+              "--eval-ppl", "none", "--no-eval-dense", "--device", "cpu"]
+    phases = [{"name": f"prune {k}", "label": k, "needs": ["one"] if k == "after" else [],
+               "command": acceptance.phase_command(common, 0, tmp_path, k, "cpu"),
+               "plan": functools.partial(acceptance.phase_plan, common, 0, tmp_path, k, "cpu")}
+              for k in ("one", "two", "after")]
+    rows = acceptance.schedule(phases, acceptance.capacity_of("cpu", tmp_path),
+                               lambda ph: acceptance.start_process(ph, tmp_path),
+                               lambda running: acceptance.wait_processes(running, tmp_path), parallel=2)
+    assert all("error" not in r and r["planned_host_gib"] > 0 and r["peak_rss_gib"] > 0 for r in rows), rows
+    one, two, after = rows
+    assert one["started_s"] < two["ended_s"] and two["started_s"] < one["ended_s"]       # side by side
+    assert after["started_s"] >= one["ended_s"] and "prune two" in one["beside"]
 
 
 # ============================================================================ GPU

@@ -4,6 +4,7 @@ under a 40 GiB budget (an A100-40GB), with the planned and the measured memory s
     python benchmarks/gpu_acceptance.py                      # writes gpu_acceptance/{acceptance.md,acceptance.json}
     python benchmarks/gpu_acceptance.py --budget-gib 24      # another budget; --out DIR, --keep to keep the model
     python benchmarks/gpu_acceptance.py --deadline-s 480     # start no phase after 8 minutes (the table says which)
+    python benchmarks/gpu_acceptance.py --parallel 1         # one phase at a time (default: up to 4 side by side)
 
 Needs a CUDA GPU with at least the budget free, torch, transformers and accelerate (no hub, no network, no pip,
 no datasets or lm-eval): the model is built from come's built-in Llama-2-7b config with random weights (the merge
@@ -16,7 +17,10 @@ come+; one CoMe-P step; CoMe-mp and CoMe-sp (training state offloaded to the hos
 pruned plan; the speed of the pruned model against the dense one (--latency, SLEB's protocol); and a prune with 8
 decoder layers offloaded (--offload-layers 8, forced) and the cache in host memory under a 16 GiB budget.
 The memory cap applies to the run's device; come.py releases the allocator's cache between phases, so each phase's
-peak reserved memory is its own and is judged against that phase's plan. For each: planned GPU and host
+peak reserved memory is its own and is judged against that phase's plan. Phases run side by side (`schedule`): a
+phase starts once the phases it replays have finished and its own dry-run plan fits, with those of the running
+phases, in the free GPU, host and disk (each process is capped at its budget all the same); the table says which
+phases ran beside which, since wall times then share the machine. For each: planned GPU and host
 GiB, measured peak reserved and allocated GPU memory and peak host RSS, wall time. Exit status 1 when a measured
 peak exceeds its plan or a phase fails.
 """
@@ -115,18 +119,34 @@ def text_files(work: Path) -> tuple[Path, Path]:
     return calib, train
 
 
-def run_phase(name: str, args: list[str], budget: float, work: Path, label: str, device: str) -> dict:
-    """One come.py process: its plan, its measured peaks, its wall time."""
+def phase_command(args: list[str], budget: float, work: Path, label: str, device: str, dry_run: bool = False) \
+        -> list[str]:
+    """The come.py process of a phase, under the launcher that caps its GPU memory and reports its peak RSS; with
+    `dry_run`, come.py alone planning the same run (no weights, no GPU work)."""
+    results = work / f"{label}.{'plan' if dry_run else 'results'}.json"
+    tail = [*args, "--save", str(work / label), "--results", str(results)] + \
+        (["--gpu-gib", str(budget)] if device.startswith("cuda") else [])
+    if dry_run:
+        return [sys.executable, str(REPO / "come.py"), *tail, "--dry-run"]
+    return [sys.executable, "-c", LAUNCHER, str(budget if device.startswith("cuda") else 0),
+            str(work / f"{label}.rss.json"), device, str(REPO / "come.py"), *tail]
+
+
+def phase_plan(args: list[str], budget: float, work: Path, label: str, device: str) -> dict[str, float]:
+    """What a phase's own memory plan says it needs at its peak (GiB of GPU, host and disk), from a dry run of the
+    same command (one that does not fit exits 2 and still writes its plan); unknown parts count as 0."""
+    subprocess.run(phase_command(args, budget, work, label, device, dry_run=True), cwd=REPO, capture_output=True)
+    path = work / f"{label}.plan.json"
+    memory = json.loads(path.read_text())["memory"] if path.is_file() else {}
+    return {k: max((v.get(f"{k}_gib", 0.0) for v in memory.values()), default=0.0) for k in ("gpu", "host", "disk")}
+
+
+def phase_row(name: str, label: str, work: Path, returncode: int, seconds: float, output: str) -> dict:
+    """One finished come.py process: its plan, its measured peaks, its wall time."""
     results, rss = work / f"{label}.results.json", work / f"{label}.rss.json"
-    cmd = [sys.executable, "-c", LAUNCHER, str(budget if device.startswith("cuda") else 0), str(rss), device,
-           str(REPO / "come.py"), *args, "--save", str(work / label), "--results", str(results)]
-    if device.startswith("cuda"):
-        cmd += ["--gpu-gib", str(budget)]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    row = {"phase": name, "seconds": round(time.perf_counter() - t0, 1), "returncode": done.returncode}
-    if done.returncode != 0 or not results.is_file():
-        return {**row, "error": (done.stderr or done.stdout)[-2000:]}
+    row = {"phase": name, "seconds": round(seconds, 1), "returncode": returncode}
+    if returncode != 0 or not results.is_file():
+        return {**row, "error": output[-2000:]}
     res = json.loads(results.read_text())
     plan, summary = res["memory_plan"], res["summary"]
     peaks = summary.get("gpu_peaks", {})
@@ -150,6 +170,54 @@ def run_phase(name: str, args: list[str], budget: float, work: Path, label: str,
     return row
 
 
+def run_phase(name: str, args: list[str], budget: float, work: Path, label: str, device: str) -> dict:
+    """One phase alone: its come.py process, waited for."""
+    t0 = time.perf_counter()
+    done = subprocess.run(phase_command(args, budget, work, label, device), cwd=REPO, capture_output=True, text=True)
+    return phase_row(name, label, work, done.returncode, time.perf_counter() - t0, done.stderr or done.stdout)
+
+
+def schedule(phases: list[dict], capacity: dict[str, float], start, wait, deadline_s: float | None = None,
+             parallel: int = 4, clock=time.perf_counter, on_row=None) -> list[dict]:
+    """Run phases side by side as far as their own plans allow.
+
+    `phases`: dicts with "name", "label", "needs" (labels that must finish first) and "plan" (a callable giving the
+    phase's planned GiB of "gpu", "host" and "disk", asked once the phase is ready). A ready phase starts when the
+    planned needs of the running phases plus its own fit `capacity` in every resource and fewer than `parallel` run;
+    a phase alone always starts (its own memory cap bounds it). `start(phase)` launches it; `wait(running)` blocks
+    until one of the running phases ends and returns (label, row). Past `deadline_s` nothing starts: the phases left
+    get {"phase", "cut": True} rows. `on_row(rows so far)` after every row. Rows come back in the phases' order; each
+    row says which phases ran beside it ("beside")."""
+    pending, running, rows, t0 = list(phases), {}, {}, clock()
+    while pending or running:
+        if deadline_s is not None and clock() - t0 > deadline_s:
+            for ph in pending:
+                rows[ph["label"]] = {"phase": ph["name"], "cut": True, "seconds": 0.0}
+            pending = []
+        for ph in list(pending):
+            if any(n not in rows for n in ph["needs"]) or len(running) >= parallel:
+                continue
+            if "need" not in ph:        # a dry run: asked once, when the phase is ready
+                ph["need"] = ph["plan"]()
+            used = {k: sum(r["need"].get(k, 0.0) for r, _ in running.values()) for k in capacity}
+            if running and any(used[k] + ph["need"].get(k, 0.0) > capacity[k] for k in capacity):
+                continue
+            beside = sorted(r["name"] for r, _ in running.values())
+            running[ph["label"]] = (ph, start(ph))
+            for r, _ in running.values():
+                r.setdefault("beside", set()).update(set(beside + [ph["name"]]) - {r["name"]})
+            pending.remove(ph)
+        if not running and pending:
+            raise ValueError(f"phases {[ph['label'] for ph in pending]} need phases that never ran")
+        if running:
+            label, row = wait(running)
+            ph, _ = running.pop(label)
+            rows[label] = {**row, "beside": sorted(ph.get("beside", ()))}
+        if on_row:
+            on_row([rows[ph["label"]] for ph in phases if ph["label"] in rows])
+    return [rows[ph["label"]] for ph in phases]
+
+
 def come_phase(peak_phase: str) -> str:
     """The memory-plan phase that bounds a phase of come.py's measured peaks."""
     return {"load": "evaluate", "evaluate post-trained": "evaluate"}.get(peak_phase, peak_phase)
@@ -157,27 +225,64 @@ def come_phase(peak_phase: str) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "", "| phase | planned GPU GiB | reserved GiB | allocated GiB | planned host GiB | peak RSS GiB "
-             "| wall s | within plan |", "|---|---|---|---|---|---|---|---|"]
+             "| wall s | within plan | ran beside |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("cut"):
-            lines.append(f"| {r['phase']} | cut: past the deadline | | | | | | not run |")
+            lines.append(f"| {r['phase']} | cut: past the deadline | | | | | | not run | |")
             continue
         if "error" in r:
-            lines.append(f"| {r['phase']} | failed (exit {r['returncode']}) | | | | | {r['seconds']} | no |")
+            lines.append(f"| {r['phase']} | failed (exit {r['returncode']}) | | | | | {r['seconds']} | no | "
+                         f"{', '.join(r.get('beside', []))} |")
             continue
         lines.append(f"| {r['phase']} | {r['planned_gpu_gib']:.2f} | {r['reserved_gib']:.2f} | "
                      f"{r['allocated_gib']:.2f} | {r['planned_host_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
-                     f"{r['seconds']} | {'yes' if r['within_plan'] else '**no**'} |")
+                     f"{r['seconds']} | {'yes' if r['within_plan'] else '**no**'} | {', '.join(r.get('beside', []))} |")
     lines += [f"\n{r['phase']}: speedup {r['speedup']['prompt']:.2f}x prompt processing, "
               f"{r['speedup']['generation']:.2f}x generation ({r['speedup']['layers']:.2f}x fewer layers)"
               for r in rows if r.get("speedup")]
     return "\n".join(lines) + "\n"
 
 
+def start_process(ph: dict, work: Path):
+    """Launch a phase's command, its output to a file (a pipe that nobody reads would stall it when full)."""
+    log = (work / f"{ph['label']}.log").open("w")
+    return time.perf_counter(), subprocess.Popen(ph["command"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_processes(running: dict, work: Path, keep: set[str] = frozenset()) -> tuple[str, dict]:
+    """Wait until one of the running phases' processes ends; (its label, its row). Its saved model is removed
+    unless its label is in `keep`."""
+    while True:
+        for label, (ph, (began, proc)) in running.items():
+            if proc.poll() is not None:
+                if label not in keep:
+                    shutil.rmtree(work / label, ignore_errors=True)
+                output = (work / f"{label}.log").read_text(errors="replace")
+                return label, phase_row(ph["name"], label, work, proc.returncode, time.perf_counter() - began,
+                                        output) | {"started_s": began, "ended_s": time.perf_counter()}
+        time.sleep(0.5)
+
+
+# the post-training and latency phases replay the model the first prune saved
+NEEDS = {"mp": ["come-gpu"], "sp": ["come-gpu"], "best": ["come-gpu"], "latency": ["come-gpu"]}
+
+
+def capacity_of(device: str, work: Path) -> dict[str, float]:
+    """GiB free now: GPU memory (less one CUDA context per process, counted in each phase's need), host memory
+    (MemAvailable), and disk under the work folder."""
+    import torch
+    gpu = torch.cuda.mem_get_info(torch.device(device))[0] / GIB if device.startswith("cuda") else float("inf")
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()) \
+        if Path("/proc/meminfo").is_file() else {}
+    host = int(info["MemAvailable"].split()[0]) / 2**20 if "MemAvailable" in info else float("inf")
+    return {"gpu": gpu, "host": host, "disk": shutil.disk_usage(work).free / GIB}
+
+
 def acceptance(out: Path, budget: float, device: str = "cuda", shape: dict | None = None,
-               keep: bool = False, deadline_s: float | None = None) -> tuple[list[dict], str]:
-    """Build the model, run the phases, write acceptance.md and acceptance.json to `out` after every phase; a phase
-    that would start after `deadline_s` seconds is cut (listed as such); (rows, markdown)."""
+               keep: bool = False, deadline_s: float | None = None, parallel: int = 4) -> tuple[list[dict], str]:
+    """Build the model, run the phases (side by side as far as their plans and `parallel` allow: `schedule`), write
+    acceptance.md and acceptance.json to `out` after every phase; a phase that would start after `deadline_s` seconds
+    is cut (listed as such); (rows, markdown)."""
     out.mkdir(parents=True, exist_ok=True)
     shm = Path("/dev/shm")
     scratch = shm if shm.is_dir() and shutil.disk_usage(shm).free > 60 * GIB else out     # fast writes when it can
@@ -187,22 +292,33 @@ def acceptance(out: Path, budget: float, device: str = "cuda", shape: dict | Non
         build_model(work / "model", device, shape)
         calib, train = text_files(work)
         print(f"model built and saved in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows, header = [], acceptance_header(budget, device, shape)
-        layers = (shape or {}).get("num_hidden_layers", 32)
+        header = acceptance_header(budget, device, shape)
+        layers, context = (shape or {}).get("num_hidden_layers", 32), 0.5 * device.startswith("cuda")
+        todo = []
         for name, args, phase_budget, label in phases(work / "model", calib, train, work, budget, device, layers):
-            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
-                rows.append({"phase": name, "cut": True, "seconds": 0.0})
-            else:
-                rows.append(run_phase(name, args, phase_budget, work, label, device))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("per_phase", "host_per_phase")}),
-                  flush=True)
-            if label not in ("come-gpu",):      # keep the first pruned model: the post-training phases replay it
-                shutil.rmtree(work / label, ignore_errors=True)
-            text = markdown(rows, header)       # written after every phase: a run stopped early keeps its table
-            (out / "acceptance.md").write_text(text)
+            def plan(a=args, b=phase_budget, lab=label) -> dict:     # plus the process's own CUDA context
+                need = phase_plan(a, b, work, lab, device)
+                return {**need, "gpu": need["gpu"] + context}
+            todo.append({"name": name, "label": label, "needs": NEEDS.get(label, []), "plan": plan,
+                         "command": phase_command(args, phase_budget, work, label, device)})
+
+        def start(ph):
+            return start_process(ph, work)
+
+        def wait(running):
+            return wait_processes(running, work, keep={"come-gpu"})     # later phases replay the first pruned model
+
+        def written(rows):          # after every phase: a run stopped early keeps its table
+            (out / "acceptance.md").write_text(markdown(rows, header))
             (out / "acceptance.json").write_text(json.dumps({"budget_gib": budget, "device": device, "rows": rows},
                                                             indent=1))
-        return rows, text
+            if rows:
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("per_phase", "host_per_phase")}),
+                      flush=True)
+        left = None if deadline_s is None else deadline_s - (time.perf_counter() - t0)    # the build counts
+        rows = schedule(todo, capacity_of(device, work), start, wait, left, parallel, on_row=written)
+        written(rows)
+        return rows, markdown(rows, header)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -223,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-gib", type=float, default=40.0, help="GPU memory budget (default 40: an A100-40GB)")
     ap.add_argument("--out", type=Path, default=Path("gpu_acceptance"), help="where the table and JSON go")
     ap.add_argument("--keep", action="store_true", help="keep the random model and the pruned folders")
+    ap.add_argument("--parallel", type=int, default=4, help="at most this many phases at once (default 4), as far "
+                    "as their plans fit the free GPU, host and disk together")
     ap.add_argument("--deadline-s", type=float, help="start no phase after this many seconds (the table says which "
                     "were cut); e.g. 480 inside a 10-minute call")
     args = ap.parse_args(argv)
@@ -237,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the GPU has {free:.1f} GiB free, less than the {args.budget_gib:g} GiB budget: pass a smaller "
               "--budget-gib", file=sys.stderr)
         return 2
-    rows, text = acceptance(args.out, args.budget_gib, keep=args.keep, deadline_s=args.deadline_s)
+    rows, text = acceptance(args.out, args.budget_gib, keep=args.keep, deadline_s=args.deadline_s,
+                            parallel=args.parallel)
     print(text)
     ok = all("error" not in r and not r.get("cut") and r["within_plan"] for r in rows)
     print("all phases within their plans" if ok else "some phase failed or exceeded its plan", file=sys.stderr)
