@@ -593,7 +593,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  "staged layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
-                 "teacher states": (3 if tc.mode == "mp" else L - target + 2) * tc.batch_size * seqlen * d * e,
+                 # the teacher's state entering the student and at every loss position (mp: a layer's in and out)
+                 "teacher states": (3 if tc.mode == "mp" else (n if tc.targets == "merged" else 1) + 1)
+                 * tc.batch_size * seqlen * d * e,
                  "KL chunk": tc.kl_chunk * V * 4 * 4, "cast to --save-dtype": cast}
         on_host = away_n * host_state + 2 * away + foreach_host * (away_n > 0)
         phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu * slack, "parts": parts,

@@ -2064,6 +2064,11 @@ def test_memory_plan_parts_equal_the_bytes_the_run_holds(dtype):
     assert post["training state (1 layer)"] == held - before
     states, _ = come.teacher_states(teacher, ids[:2], {2, 5})
     assert post["teacher states"] == storage_bytes(states.values())
+    sp = come_runtime.memory_plan(teacher.config, dtype, "cpu", 3, 32, 4, cfg, dataclasses.replace(tc, mode="sp"),
+                                  {"gpu": 0.0, "host": 1e12})["memory"]["post_train"]["parts_bytes"]
+    ends = {b + 1 for a, b in come.original_spans(tree, 7) if b > a} | {0}     # sp: the input and every loss position
+    states, _ = come.teacher_states(teacher, ids[:2], ends)
+    assert len(ends) == 4 and sp["teacher states"] == storage_bytes(states.values())
 
 
 def test_memory_plan_places_the_cache_and_refuses_what_cannot_fit(tiny_folder, calib_txt, tmp_path, capsys):
