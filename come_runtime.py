@@ -247,6 +247,7 @@ class HostTraining:
             masters += [m for _, m, _ in pairs]
             self.host_bytes += total * 16       # master weights and gradients, AdamW's exp_avg and exp_avg_sq
         self.opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay)
+        trim_host_heap()    # the layers' own float32 storage, freed above, goes back to the system
 
     def _register(self, buf: torch.Tensor) -> None:
         rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
@@ -445,6 +446,9 @@ PAPER_CONFIGS = {
 
 
 CUDA_CONTEXT_GIB = 0.5      # GPU memory the CUDA context takes outside torch's allocator (typical, CUDA 12)
+# host memory a GPU process holds for the CUDA runtime, driver and the kernel libraries torch loads (cuBLAS, cuDNN):
+# a stated constant, typical of torch 2.x with CUDA 12, until the acceptance run measures it
+CUDA_HOST_GIB = 1.0
 ALLOCATOR_RESERVE = 0.05    # torch's caching allocator reserves more than it hands out (rounding, fragmentation)
 LM_EVAL_GIB = 0.25        # lm-eval, datasets and the task manager, imported and loaded (measured 0.19)
 TASK_ITEM_TOKENS = 2048     # longest lm-eval prompt + continuation planned for hub tasks (lm-eval truncates there)
@@ -553,7 +557,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # float64 matrices (Gram, distances, kernel, its normalizations, the SVD's factors)
                  "MKA distances": (2 ** 26 + 8 * windows * windows * 8) * (cfg.method == "mka"),
                  "evaluation": evaluation * eval_while_pruning}
-    phases, runtime, slack = {}, RUNTIME_GIB * GIB, 1 + ALLOCATOR_RESERVE * gpu
+    phases, runtime, slack = {}, (RUNTIME_GIB + CUDA_HOST_GIB * gpu) * GIB, 1 + ALLOCATOR_RESERVE * gpu
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:
         parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
                  f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
@@ -585,7 +589,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         foreach_host = 3 * biggest * 4 if not gpu or away_n else 0
         foreach = (live - away_n) * per_layer * 4 * gpu + foreach_host
         cast = (save_dtype.itemsize - e) * student_params if save_dtype and save_dtype.itemsize > e else 0
-        parts = {"teacher": weights, "student": student - away_n * per_layer * e, "offloaded layers": 2 * away,
+        # the offloaded layers' own weights leave the student, except a mapped checkpoint's pages, which stay
+        parts = {"teacher": weights, "student": student - away_n * per_layer * e * (not mapped),
+                 "offloaded layers": 2 * away,
                  f"training state ({live - away_n} layer{'s' * (live - away_n != 1)})":
                      (live - away_n) * per_layer * (16 - e),
                  f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * host_state,

@@ -2071,6 +2071,32 @@ def test_memory_plan_parts_equal_the_bytes_the_run_holds(dtype):
     assert len(ends) == 4 and sp["teacher states"] == storage_bytes(states.values())
 
 
+def test_offloading_the_training_state_of_a_mapped_checkpoint_leaves_its_pages_in_the_plan():
+    """On a CPU run from a memory-mapped checkpoint, the trained layers' mapped pages stay resident when their state
+    moves to host buffers (measured: SmolLM2, --train-all offload, 3.13 GiB against a plan of 2.85 that let them go):
+    the student keeps every mapped weight and merged layer; without a mapping the offloaded layers leave it."""
+    config = make_tiny("llama-gqa").config
+    tc = come.TrainConfig(mode="sp", memory="offload", train_all=True)
+    plans = {mapped: come_runtime.memory_plan(config, torch.float32, "cpu", 4, 32, 4, come.ComeConfig(), tc,
+                                              {"gpu": 0.0, "host": 1e12}, mapped=mapped)["memory"]
+             for mapped in (True, False)}
+    per_layer = sum(p.numel() for p in make_tiny("llama-gqa").model.layers[0].parameters())
+    prune = plans[True]["prune"]["parts_bytes"]
+    assert plans[True]["post_train"]["parts_bytes"]["student"] == prune["weights"] + prune["merged layers"]
+    total = sum(p.numel() for p in make_tiny("llama-gqa").parameters())
+    assert plans[False]["post_train"]["parts_bytes"]["student"] == (total - 3 * per_layer - 4 * per_layer) * 4
+
+
+def test_gpu_plans_count_the_cuda_runtime_in_host_memory():
+    """A GPU process holds the CUDA runtime and its kernel libraries in host memory: every host phase of a GPU plan
+    counts CUDA_HOST_GIB more than the same phase would hold on its own (evaluate: nothing else on the host)."""
+    config = come_cli.load_config("meta-llama/Llama-2-7b-hf", builtin=True)
+    plan = come_runtime.memory_plan(config, torch.bfloat16, "cuda:0", 16, 2048, 22, come.ComeConfig(), None,
+                                    {"gpu": 40 * 2**30, "host": 128 * 2**30})
+    assert plan["memory"]["evaluate"]["host_gib"] == pytest.approx(come_runtime.RUNTIME_GIB
+                                                                   + come_runtime.CUDA_HOST_GIB, abs=0.01)
+
+
 def test_memory_plan_places_the_cache_and_refuses_what_cannot_fit(tiny_folder, calib_txt, tmp_path, capsys):
     model = make_tiny("llama-gqa")
     cfg, huge = come.ComeConfig(), {"gpu": 0.0, "host": 1e12}
