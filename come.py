@@ -46,8 +46,9 @@ Paper map
     --resume (plan written after every merge step)   -> start_merging(resume=), come_prune(on_step=);
                                                         come_runtime.write_plan
     mp one layer at a time, --save-dtype             -> post_train -> train_layers
-    sp --train-memory checkpoint|offload (host AdamW) -> distill_step, layerwise_backward; come_runtime.HostTraining;
-                                                        part of the layers on the host: TrainConfig.offload_count
+    sp --train-memory checkpoint|offload             -> distill_step, layerwise_backward; come_runtime.HostTraining
+                                                        (host AdamW); part of the layers on the host:
+                                                        TrainConfig.offload_count
     --post-train best (a recipe that recovers)       -> TrainConfig.from_recipe("best"), train_layers(targets "output")
     --offload-layers (device_map, weights off GPU)   -> come_runtime.load_model, materialized; spare_layer, apply_merge
     post-training of dropped models (§14)            -> drop_from_tree (the layer before a cut takes the block's span)
