@@ -29,7 +29,7 @@ Paper map
                                                         ppl_prune (Shortened LLaMA, Kim et al. 2024),
                                                         streamline_prune (LLM-Streamline: run_similarities,
                                                         train_replacement), mka_prune (MKA: window_distances,
-                                                        diffusion_embedding, npib_similarity, mka_ratios)
+                                                        diffusion_embedding, npib_similarity)
     evaluation (GPTQ perplexity, lm-eval)            -> come_eval.py: perplexity, task_accuracy, evaluate;
                                                         come_cli.py: main -> run (one call a phase); compare
   [OURS] beyond the paper, each behind a named option (README; docs/results.md, docs/paper-scale.md):
@@ -436,6 +436,11 @@ def _row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t if device is None else t.to(device, non_blocking=True)
+
+
+def token_cosines(a: torch.Tensor, b: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """Cosine of every calibration token between two cached boundaries, window by window on `device`."""
+    return torch.cat([_row_cosine(_on(a[i], device), _on(b[i], device)) for i in range(a.shape[0])])
 
 
 def block_influence(states: list[torch.Tensor], device: torch.device | None = None) -> list[float]:
@@ -1183,19 +1188,16 @@ def distill_step(student, teacher, states, kwargs, spans, js, tc: TrainConfig, h
     while they run, and the backward runs layer by layer (layerwise_backward) so that each is staged once more.
     """
     layers, h, outs, inputs = decoder_layers(student), states[0], {}, {}
-    layerwise = host is not None and torch.is_grad_enabled()
+    layerwise = host is not None and torch.is_grad_enabled()    # no graph now: layerwise_backward runs each again
     for j in js if tc.mode == "mp" else range(max(js) + 1):
-        x = states[spans[j][0]] if tc.mode == "mp" else h      # Alg.4 step 3: teacher-forced; Alg.3 step 3: own state
+        x = inputs[j] = states[spans[j][0]] if tc.mode == "mp" else h    # Alg.4 step 3: teacher-forced; Alg.3: own
         kw = kwargs[layer_type(student.config, j)]
-        if layerwise:       # no graph now: each layer's forward is run again in its backward
-            inputs[j] = x
-            with torch.no_grad(), host.staged(j):
-                h = outs[j] = call_layer(layers[j], x, kw)
-        elif tc.memory != "plain" and torch.is_grad_enabled():     # [OURS] activations recomputed in backward
+        if tc.memory != "plain" and torch.is_grad_enabled() and not layerwise:     # [OURS] recompute in backward
             h = outs[j] = torch.utils.checkpoint.checkpoint(call_layer, layers[j], x, kw, use_reentrant=False)
-        else:
-            with host.staged(j) if host else contextlib.nullcontext():
-                h = outs[j] = call_layer(layers[j], x, kw)
+            continue
+        with (torch.no_grad() if layerwise else contextlib.nullcontext(),
+              host.staged(j) if host else contextlib.nullcontext()):
+            h = outs[j] = call_layer(layers[j], x, kw)
     norm, head = teacher.model.norm, teacher.get_output_embeddings()
     losses = {j: distill_loss(outs[j], states[spans[j][1] + 1], norm, head, tc.loss, tc.kl_chunk) for j in js}
     if layerwise:
@@ -1210,12 +1212,9 @@ def layerwise_backward(student, inputs: dict, kwargs: dict, grads: dict, host) -
     layer is staged, run again on its saved input with gradients, and back-propagated from the gradient of its output
     (what came back from above plus its own loss's); the gradient of its input goes on down. The same gradients as
     autograd through the checkpointed layers."""
-    layers = decoder_layers(student)
+    layers, g = decoder_layers(student), None
     first = min(j for j in inputs if any(p.requires_grad for p in layers[j].parameters()))
-    g = None
-    for j in sorted(inputs, reverse=True):
-        if j < first:
-            break
+    for j in sorted((j for j in inputs if j >= first), reverse=True):
         if j in grads:
             g = grads[j] if g is None else g + grads[j].to(g.dtype)
         if g is None:
@@ -1314,8 +1313,6 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
             states, kwargs = teacher_states(teacher, ids[batch], boundaries)
             # Alg.3/4 step 4: loss at the boundary leaving each original span; AdamW step; cosine decay
             step_loss = sum(distill_step(student, teacher, states, kwargs, spans, at, tc, host).values())
-            if host:
-                host.wait_for_grads()
             for opt, sched in zip(opts, scheds):
                 opt.step()
                 sched.step()
@@ -1326,8 +1323,6 @@ def train_layers(student, teacher, spans, js: list[int], ids: torch.Tensor, tc: 
         log(f"{name} epoch {epoch + 1}/{tc.epochs}: mean summed loss {epoch_loss:.4f}")
     after_fp32 = losses()
     if host:    # plain layers on the device again, with the trained weights
-        log(f"{name}: offloaded training state {host.host_bytes / 2**20:,.1f} MiB on the host; on the device at most "
-            f"{host.peak_device_bytes / 2**20:,.1f} MiB (one staged layer and its gradients)")
         host.finish()
     for j in js:
         layers[j].requires_grad_(False).to(dtype)
@@ -1477,18 +1472,16 @@ def _reduce(values: torch.Tensor, how: str) -> torch.Tensor:
     return values.amax(0) if how == "max" else getattr(values, how)(0)
 
 
-def block_importance(layer: nn.Module, criterion: str, weight_reduction: str, block_reduction: str,
-                     power: int = 1) -> float:
+def block_importance(layer: nn.Module, criterion: str, weight_reduction: str, block_reduction: str) -> float:
     """Shortened LLaMA's importance of one block from its weights W (magnitude: |W|; taylor: |W * dL/dW|, the
-    gradient in W.grad): for every projection weight the p-th powers summed over each output row's inputs, then
-    reduced over the rows (`weight_reduction`); for every norm weight the p-th powers reduced; those numbers reduced
-    over the block's weights (`block_reduction`)."""
+    gradient in W.grad): for every projection weight the values summed over each output row's inputs, then reduced
+    over the rows (`weight_reduction`); for every norm weight the values reduced; those numbers reduced over the
+    block's weights (`block_reduction`)."""
     per_weight = []
     for name, w in layer.named_parameters():
         if not name.endswith("weight") or not ("proj" in name or "norm" in name):
             continue
-        value = w.detach().float() * (w.grad.float() if criterion == "taylor" else 1)
-        value = value.abs().pow(power)
+        value = (w.detach().float() * (w.grad.float() if criterion == "taylor" else 1)).abs()
         per_weight.append(_reduce(value.sum(1) if "proj" in name else value, weight_reduction))
     return _reduce(torch.stack(per_weight), block_reduction).item()
 
@@ -1584,12 +1577,8 @@ def replaceme_distances(states: list[torch.Tensor], n: int, device: torch.device
     """ReplaceMe's block score: mean angular distance arccos(cos)/pi over every calibration token between the state
     entering layer b and the state leaving layer b+n-1, for every block start b >= 1."""
     # INTERPRETATION: every token, not one last token a window (ReplaceMe's default): 13 windows gave 13 vectors.
-    out = []
-    for b in range(1, len(states) - n):
-        cos = torch.cat([_row_cosine(_on(states[b][i], device), _on(states[b + n][i], device))
-                         for i in range(states[b].shape[0])])
-        out.append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
-    return out
+    return [(torch.arccos(token_cosines(states[b], states[b + n], device).clamp(-1, 1)) / math.pi).mean().item()
+            for b in range(1, len(states) - n)]
 
 
 def replaceme_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
@@ -1649,12 +1638,8 @@ STREAMLINE_EPOCHS, STREAMLINE_LR = 10, 1e-4
 def run_similarities(cache: HiddenStates, n: int) -> list[float]:
     """Mean cosine over every calibration token between the state entering layer l and the state leaving layer
     l+n-1, for every start l."""
-    out = []
-    for l in range(len(cache.states) - n):
-        cos = torch.cat([_row_cosine(_on(cache.states[l][i], cache.device), _on(cache.states[l + n][i], cache.device))
-                         for i in range(cache.states[l].shape[0])])
-        out.append(cos.mean().item())
-    return out
+    return [token_cosines(cache.states[l], cache.states[l + n], cache.device).mean().item()
+            for l in range(len(cache.states) - n)]
 
 
 def train_replacement(cache: HiddenStates, start: int, target: torch.Tensor) -> tuple[dict, dict]:
@@ -1720,23 +1705,22 @@ MKA_MI_NEIGHBORS, MKA_ENTROPY_NEIGHBORS = 5, 50
 MKA_BLOCK_BYTES = 1 << 26       # the float64 token block the distances are summed from (64 MiB)
 
 
-def window_distances(cache: HiddenStates, boundary: int, tokens: int) -> torch.Tensor:
-    """Euclidean distance between every two calibration windows' states at `boundary` (their first `tokens` tokens,
-    flattened), summed in float64 over token blocks of at most MKA_BLOCK_BYTES; shape (windows, windows)."""
+def window_distances(cache: HiddenStates, boundary: int) -> torch.Tensor:
+    """Euclidean distance between every two calibration windows' states at `boundary` (all their tokens, flattened),
+    summed in float64 over token blocks of at most MKA_BLOCK_BYTES; shape (windows, windows)."""
     states, norm = cache.states[boundary], cache.model.model.norm
-    n, d = states.shape[0], states.shape[-1]
+    n, T, d = states.shape
     block = max(1, MKA_BLOCK_BYTES // (n * d * 8))
     gram = torch.zeros(n, n, dtype=torch.float64, device=cache.device)
     with torch.inference_mode():
-        for s in range(0, tokens, block):
-            x = states[:, s:min(s + block, tokens)]
+        for s in range(0, T, block):
+            x = states[:, s:s + block]
             # INTERPRETATION: the last layer's state is read after the final norm, as the authors' hidden-state
             # tuple gives it (every other boundary is a raw layer output)
             x = norm(x.to(device_of(norm))) if boundary == len(cache.states) - 1 else x
             x = x.to(cache.device, torch.float64).reshape(n, -1)
             gram += x @ x.T
-    sq = gram.diagonal()
-    dist = (sq[:, None] + sq[None, :] - 2 * gram).abs().sqrt()
+    dist = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).abs().sqrt()
     # DEVIATION: one kernel row per window over all its tokens; the authors' chunking compares token a of the first
     # window of a chunk of windows with token b of another chunk's first window and calls that windows i+a and j+b.
     return dist.fill_diagonal_(0.0)
@@ -1750,15 +1734,12 @@ def diffusion_embedding(dist: torch.Tensor, sigma: float = MKA_SIGMA, alpha: flo
     1e-12; the top dims + 1 left singular vectors U (signed so that the largest entry of each is positive), each
     divided by the first: returns U[:, 1:dims + 1] (n, dims)."""
     k = torch.exp(-(dist.double() / sigma).sqrt())
-    p = k.sum(0)
-    k1 = k / (p[:, None] * p[None, :]) ** alpha
-    v = k1.sum(0).sqrt()
-    a = k1 / (v[:, None] * v[None, :])
-    eye, reg = torch.eye(a.shape[0], dtype=a.dtype, device=a.device), 1e-6
-    for _ in range(10):
+    k1 = k / torch.outer(k.sum(0), k.sum(0)) ** alpha
+    a = k1 / torch.outer(k1.sum(0).sqrt(), k1.sum(0).sqrt())
+    for i in range(10):
         if torch.isfinite(torch.linalg.cond(a)):
             break
-        a, reg = a + reg * eye, reg * 10
+        a = a + 1e-6 * 10 ** i * torch.eye(len(a), dtype=a.dtype, device=a.device)
     a = torch.nan_to_num(a)
     a = torch.where(a.abs() < 1e-12, torch.full_like(a, 1e-12), a)
     u = torch.linalg.svd(a, full_matrices=False).U[:, :dims + 1]
@@ -1783,16 +1764,14 @@ def ksg_mutual_information(x: torch.Tensor, y: torch.Tensor, k: int, generator: 
     points within r_i in x and in y (i itself included); I = psi(n) + psi(k) - <psi(n_x)> - <psi(n_y)>, at least 0."""
     def prepared(v: torch.Tensor) -> torch.Tensor:
         v = v.double().flatten()
-        std = v.std(unbiased=False)
-        v = v / (std if std > 0 else 1.0)
-        noise = torch.randn(v.numel(), generator=generator, dtype=torch.float64).to(v.device)
-        return v + jitter * max(1.0, v.abs().mean().item()) * noise
-    x, y = prepared(x), prepared(y)
-    n = x.numel()
+        v = v / v.std(unbiased=False) if v.std(unbiased=False) > 0 else v     # scikit-learn's scale
+        return v + jitter * max(1.0, v.abs().mean().item()) * torch.randn(v.numel(), generator=generator,
+                                                                          dtype=torch.float64).to(v.device)
+    x, y, n = prepared(x), prepared(y), x.numel()
     dx, dy = (x[:, None] - x[None, :]).abs(), (y[:, None] - y[None, :]).abs()
     joint = torch.maximum(dx, dy).fill_diagonal_(math.inf)
     radius = joint.kthvalue(k, dim=1).values
-    radius = torch.nextafter(radius, torch.zeros_like(radius))[:, None]
+    radius = torch.nextafter(radius, torch.zeros_like(radius))[:, None]     # strictly inside the k-th distance
     nx, ny = (dx <= radius).sum(1).double(), (dy <= radius).sum(1).double()
     psi = torch.special.digamma
     mi = psi(torch.tensor([n, k], dtype=torch.float64)).sum() - psi(nx).mean().cpu() - psi(ny).mean().cpu()
@@ -1802,9 +1781,8 @@ def ksg_mutual_information(x: torch.Tensor, y: torch.Tensor, k: int, generator: 
 def knn_entropy(x: torch.Tensor, k: int) -> float:
     """The authors' k-nearest-neighbor entropy of n points in d dimensions: -mean log(k / (n r_k^d)), r_k the
     Euclidean distance of each point to its k-th neighbor."""
-    x = x.double()
     n, d = x.shape
-    r = ((x[:, None] - x[None, :]) ** 2).sum(-1).sqrt().kthvalue(k + 1, dim=1).values    # the point itself is first
+    r = ((x.double()[:, None] - x.double()[None, :]) ** 2).sum(-1).sqrt().kthvalue(k + 1, 1).values  # itself first
     return -torch.log(k / (n * r ** d)).mean().item()
 
 
@@ -1822,39 +1800,29 @@ def npib_similarity(embeddings: list[torch.Tensor], mi_neighbors: int = MKA_MI_N
                   for b in range(embeddings[j].shape[1]) for a in range(embeddings[i].shape[1])]
             sim[i, j] = sim[j, i] = sum(mi) / len(mi) / math.sqrt(h[i] * h[j]) if h[i] * h[j] > 0 else math.nan
     if not torch.isfinite(sim).all():
-        bad = sorted({i for i, j in (~torch.isfinite(sim)).nonzero().tolist()})
-        raise ComeError(f"MKA: the entropy estimates of layers {bad} have opposite signs to others', so their "
-                        "information-bottleneck similarity is undefined (the authors' code would merge with NaN "
-                        "ratios); give more calibration windows (--nsamples)")
+        raise ComeError("MKA: layers' entropy estimates of opposite signs leave their similarity undefined (the "
+                        "authors' code would merge with NaN ratios); give more calibration windows (--nsamples)")
     return sim
-
-
-def mka_ratios(sim: torch.Tensor, i: int, j: int, beta: float = MKA_BETA) -> tuple[float, float]:
-    """The authors' fusion ratio of layers i and j: s = the mean similarity of each to every layer,
-    r_i = sigmoid(beta s_i / (s_i + s_j)), r_j = 1 - r_i."""
-    s_i, s_j = sim[i].mean().item(), sim[j].mean().item()
-    r_i = 1.0 / (1.0 + math.exp(-beta * s_i / (s_i + s_j)))
-    return r_i, 1.0 - r_i
 
 
 def check_mka_windows(windows: int) -> None:
     if windows <= MKA_ENTROPY_NEIGHBORS + 1:
-        raise ComeError(f"MKA estimates entropy from each window's {MKA_ENTROPY_NEIGHBORS}th neighbor: it needs at "
-                        f"least {MKA_ENTROPY_NEIGHBORS + 2} calibration windows, got {windows}; cut the text into "
-                        f"shorter windows (--seqlen {MKA_TOKENS}: MKA reads the first {MKA_TOKENS} tokens of each) or "
-                        "give more of it (--nsamples)")
+        raise ComeError(f"MKA needs at least {MKA_ENTROPY_NEIGHBORS + 2} calibration windows, got {windows}; cut "
+                        f"the text into shorter windows (--seqlen {MKA_TOKENS}: MKA reads the first {MKA_TOKENS} "
+                        "tokens of each) or give more of it (--nsamples)")
 
 
 def mka_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth=None, stops=()) -> dict:
     """MKA: layer similarities from the dense model's calibration states (window_distances -> diffusion_embedding ->
     rank_normalize -> npib_similarity), computed once; then, until the target depth, the last two layers are merged
-    by weighted_sum_merge with mka_ratios of their similarity rows."""
+    by weighted_sum_merge, the earlier with r = sigmoid(beta s_a / (s_a + s_b)), s the mean of a layer's row of the
+    similarity, the later with 1 - r."""
     t0, L = time.perf_counter(), len(decoder_layers(model))
     check_mka_windows(calib_ids.shape[0])
-    cache = HiddenStates(model, calib_ids, cache_device)
+    # causal: the states of a window's first MKA_TOKENS tokens are those of those tokens alone
+    cache = HiddenStates(model, calib_ids[:, :MKA_TOKENS], cache_device)
     cache.refresh(0, desc="MKA states")
-    tokens = min(MKA_TOKENS, calib_ids.shape[1])
-    embeddings = [rank_normalize(diffusion_embedding(window_distances(cache, l, tokens))).cpu()
+    embeddings = [rank_normalize(diffusion_embedding(window_distances(cache, l))).cpu()
                   for l in progress_bar(range(1, L + 1), "MKA embeddings", total=L)]
     del cache
     sim = npib_similarity(embeddings)
@@ -1863,9 +1831,11 @@ def mka_prune(model, calib_ids, target_layers, cfg, cache_device="cpu", on_depth
         # the authors read the similarity rows of the original layers at the last two positions: the merged layer
         # at the end keeps the row of the original layer it replaced
         a, b = len(tree) - 2, len(tree) - 1
+        s_a, s_b = sim[a].mean().item(), sim[b].mean().item()
+        r = 1.0 / (1.0 + math.exp(-MKA_BETA * s_a / (s_a + s_b)))      # the fusion ratio: a sigmoid
         # DEVIATION: weighted_sum_merge weights q/k/v biases too (Qwen2); the authors sum both layers' unscaled
-        steps.append({"op": "weightsum", "window": [a, b], "ratios": list(mka_ratios(sim, a, b)),
-                      "similarity": [sim[a].mean().item(), sim[b].mean().item()], "spans": tree[a:],
+        steps.append({"op": "weightsum", "window": [a, b], "ratios": [r, 1.0 - r], "similarity": [s_a, s_b],
+                      "spans": tree[a:],
                       **({} if steps else {"npib_similarity": sim.tolist()})})
         replay_step(model, steps[-1])
         join_window(tree, a, 2)

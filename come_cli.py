@@ -25,8 +25,7 @@ import come_eval as ev          # data and evaluation (text sources, perplexity,
 import come_runtime as rt       # machinery beyond the method: files, devices, memory plan
 from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REDUCTIONS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES,
                   TRAIN_WINDOWS, ComeConfig, ComeError, TrainConfig, apply_plan, check_mka_windows, check_supported,
-                  come_plus,
-                  count_params, decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train,
+                  come_plus, count_params, decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train,
                   replay_step, span_for)
 
 

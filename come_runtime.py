@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from come import ComeError, device_of, log
+from come import MKA_BLOCK_BYTES, MKA_TOKENS, ComeError, device_of, log
 
 
 def cache_root() -> Path:
@@ -221,7 +221,7 @@ class HostTraining:
 
     def __init__(self, layers: nn.ModuleList, js: list[int], lr: float, weight_decay: float,
                  pin: bool | None = None):
-        self.layers, self.device, self.trained = layers, device_of(layers[js[0]]), list(js)
+        self.device, self.trained = device_of(layers[js[0]]), list(js)
         self.pin = self.device.type == "cuda" if pin is None else pin
         self.state, self.hooks, self.registered, masters = {}, [], [], []
         self.device_bytes = self.peak_device_bytes = self.host_bytes = 0
@@ -247,6 +247,7 @@ class HostTraining:
             masters += [m for _, m, _ in pairs]
             self.host_bytes += total * 16       # master weights and gradients, AdamW's exp_avg and exp_avg_sq
         self.opt = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay)
+        self.opt.register_step_pre_hook(lambda *_: self.wait_for_grads())
         trim_host_heap()    # the layers' own float32 storage, freed above, goes back to the system
 
     def _register(self, buf: torch.Tensor) -> None:
@@ -283,8 +284,8 @@ class HostTraining:
             self._count(-staged)
 
     def wait_for_grads(self) -> None:
-        """Before the optimizer reads the host gradients: every copy has landed (and a zero_grad(set_to_none) of the
-        optimizer has not detached the buffers)."""
+        """Before every step of `opt` (a pre-hook): every gradient copy has landed, and a zero_grad(set_to_none) has
+        not detached the host buffers."""
         if self.pin and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for pairs in self.state.values():
@@ -293,6 +294,8 @@ class HostTraining:
 
     def finish(self) -> None:
         """Plain float32 parameters on the device again, with the trained weights; hooks removed, memory unlocked."""
+        log(f"offloaded training state {self.host_bytes / 2**20:,.1f} MiB on the host; on the device at most "
+            f"{self.peak_device_bytes / 2**20:,.1f} MiB (one staged layer and its gradients)")
         for pairs in self.state.values():
             for p, master, _ in pairs:
                 p.data = master.detach().to(self.device)
@@ -473,11 +476,6 @@ def machine_budget(device: str, gpu_gib: float | None, host_gib: float | None, d
     return budget
 
 
-def pinned_bytes(nbytes: int) -> int:
-    """What CUDA's caching host allocator takes for a pinned tensor of `nbytes`: the next power of two."""
-    return 1 << max(nbytes - 1, 0).bit_length()
-
-
 @functools.lru_cache(maxsize=16)
 def parameter_counts(config_json: str) -> tuple[int, int, int]:
     """(parameters of the model, of one decoder layer, of its largest weight) from the config alone (meta device);
@@ -518,7 +516,8 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     one_state, gpu, repair = windows * seqlen * d * e, device.startswith("cuda"), cfg.repair != "none"
     # one-shot drops scored from the weights or the gradients keep no hidden states (unless a repair reads them)
     no_cache = cfg.method in ("taylor", "taylor+", "magnitude", "magnitude+", "reverse") and not repair
-    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1) * (not no_cache)
+    cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1) * (not no_cache) \
+        * (min(MKA_TOKENS, seqlen) / seqlen if cfg.method == "mka" else 1)     # MKA caches its first tokens only
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
     # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
     merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
@@ -553,9 +552,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # streamline: the trained layer's float32 weights, gradients, AdamW moments, one window's activations
                  "replacement training": (per_layer * 16 + seqlen * (12 * d + 6 * f) * 4)
                  * (cfg.method == "streamline"),
-                 # mka: one float64 token block of every window (come.MKA_BLOCK_BYTES) and a few windows x windows
-                 # float64 matrices (Gram, distances, kernel, its normalizations, the SVD's factors)
-                 "MKA distances": (2 ** 26 + 8 * windows * windows * 8) * (cfg.method == "mka"),
+                 # mka: one float64 token block of every window and a few windows x windows float64 matrices (Gram,
+                 # distances, kernel, its normalizations, the SVD's factors)
+                 "MKA distances": (MKA_BLOCK_BYTES + 8 * windows * windows * 8) * (cfg.method == "mka"),
                  "evaluation": evaluation * eval_while_pruning}
     phases, runtime, slack = {}, (RUNTIME_GIB + CUDA_HOST_GIB * gpu) * GIB, 1 + ALLOCATOR_RESERVE * gpu
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:

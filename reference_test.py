@@ -1396,8 +1396,8 @@ def test_mka_merges_the_last_two_layers_by_the_similarity_of_stock_states(family
     # I over the four coordinate pairs, each sample scaled to unit deviation, over sqrt(H_i H_j)
     unit = [[(e[:, c] / e[:, c].std(unbiased=False)).tolist() for c in range(2)] for e in embeddings[:4]]
     entropy = [knn_entropy_literal([tuple(p) for p in e.tolist()], 50) for e in embeddings[:4]]
-    literal_sim = [[sum(ksg_literal(unit[i][a], unit[j][b], 5) for a in range(2)
-                        for b in range(2)) / 4 / math.sqrt(entropy[i] * entropy[j]) for j in range(4)] for i in range(4)]
+    literal_sim = [[sum(ksg_literal(unit[i][a], unit[j][b], 5) for a in range(2) for b in range(2)) / 4
+                    / math.sqrt(entropy[i] * entropy[j]) for j in range(4)] for i in range(4)]
     assert torch.allclose(come.npib_similarity(embeddings[:4], jitter=0.0), torch.tensor(literal_sim,
                                                                                         dtype=torch.float64))
     assert [s["window"] for s in plan["steps"]] == [[5, 6], [4, 5], [3, 4]]
@@ -1930,17 +1930,23 @@ def test_save_dtype_keeps_fp32_updates_and_the_cast_warning():
             assert bad and len(undone) == len(bad)
 
 
+def spy_host_training(monkeypatch) -> list:
+    """Every come_runtime.HostTraining a run builds, in order."""
+    held, real = [], come_runtime.HostTraining
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held.append(self)
+    monkeypatch.setattr(come_runtime, "HostTraining", Spy)
+    return held
+
+
 @pytest.mark.parametrize("memory,count", [("checkpoint", None), ("offload", None), ("offload", 1), ("offload", 9)])
 def test_sp_with_checkpointing_or_host_offload_equals_plain_training(memory, count, monkeypatch):
     """count 1: only the deepest trained layer's state on the host, the others train in place (two AdamWs); count 9,
     more than the trained layers: all of them on the host (never a slice that wraps around)."""
-    held, real = [], come_runtime.HostTraining
-
-    class Spy(real):
-        def __init__(self, layers, js, *args, **kwargs):
-            held.append(list(js))
-            super().__init__(layers, js, *args, **kwargs)
-    monkeypatch.setattr(come_runtime, "HostTraining", Spy)
+    held = spy_host_training(monkeypatch)
     runs = []
     for mode in ("plain", memory):
         teacher, student, tree, ids = pruned_pair("qwen3")
@@ -1954,7 +1960,7 @@ def test_sp_with_checkpointing_or_host_offload_equals_plain_training(memory, cou
     assert all(type(p) is torch.nn.Parameter and p.numel() > 0 and not p._post_accumulate_grad_hooks
                for p in b.parameters())            # plain layers again, no hook left behind
     layers = [r["layer"] for r in rows_a]
-    assert held == ([layers[-1:]] if count == 1 else [layers] if memory == "offload" else [])     # the deepest
+    assert [h.trained for h in held] == ([layers[-1:]] if count == 1 else [layers] if memory == "offload" else [])
 
 
 def resident_training_bytes(layers, js) -> int:
@@ -1971,13 +1977,7 @@ def test_offloaded_training_keeps_one_layer_of_state_on_the_device_whatever_the_
     the parameters themselves at every layer's forward and at every gradient, the float32 weights and gradients held
     in the trained layers' parameters never exceed the plan's term for the running layer (its weights and gradients,
     8 bytes a parameter) and do not grow with the number of layers; the host holds 16 bytes per trained parameter."""
-    held, real, peaks = [], come_runtime.HostTraining, {}
-
-    class Spy(real):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            held.append(self)
-    monkeypatch.setattr(come_runtime, "HostTraining", Spy)
+    held, peaks = spy_host_training(monkeypatch), {}
     for target, train_all in ((6, False), (4, False), (6, True)):
         teacher = make_tiny("llama-gqa")
         student = copy.deepcopy(teacher)
@@ -2230,7 +2230,8 @@ def test_compare_with_post_training_plans_every_stop_and_refuses_one_that_does_n
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 40, "--host-gib", 64,
         "--method", "mka", "--sparsity", 0.3, "--results", mka)
     parts = json.loads(mka.read_text())["memory"]["prune"]["parts_bytes"]
-    assert parts["MKA distances"] == 2 ** 26 + 64 * 256 ** 2 and parts["hidden-state cache (disk)"] > 0
+    cache = [v for k, v in parts.items() if k.startswith("hidden-state cache")]     # of each window's first 512 tokens
+    assert parts["MKA distances"] == 2 ** 26 + 64 * 256 ** 2 and cache == [33 * 256 * 512 * 4096 * 2]
     taylor = tmp_path / "taylor.json"           # a method's own terms count: Taylor's gradients while pruning
     cli("--model", "meta-llama/Llama-2-7b-hf", "--dry-run", "--device", "cuda", "--gpu-gib", 80, "--host-gib", 64,
         "--compare", "come,taylor", "--sparsities", "0.3", "--results", taylor)

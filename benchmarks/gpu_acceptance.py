@@ -170,13 +170,6 @@ def phase_row(name: str, label: str, work: Path, returncode: int, seconds: float
     return row
 
 
-def run_phase(name: str, args: list[str], budget: float, work: Path, label: str, device: str) -> dict:
-    """One phase alone: its come.py process, waited for."""
-    t0 = time.perf_counter()
-    done = subprocess.run(phase_command(args, budget, work, label, device), cwd=REPO, capture_output=True, text=True)
-    return phase_row(name, label, work, done.returncode, time.perf_counter() - t0, done.stderr or done.stdout)
-
-
 def schedule(phases: list[dict], capacity: dict[str, float], start, wait, deadline_s: float | None = None,
              parallel: int = 4, clock=time.perf_counter, on_row=None) -> list[dict]:
     """Run phases side by side as far as their own plans allow.
@@ -302,12 +295,6 @@ def acceptance(out: Path, budget: float, device: str = "cuda", shape: dict | Non
             todo.append({"name": name, "label": label, "needs": NEEDS.get(label, []), "plan": plan,
                          "command": phase_command(args, phase_budget, work, label, device)})
 
-        def start(ph):
-            return start_process(ph, work)
-
-        def wait(running):
-            return wait_processes(running, work, keep={"come-gpu"})     # later phases replay the first pruned model
-
         def written(rows):          # after every phase: a run stopped early keeps its table
             (out / "acceptance.md").write_text(markdown(rows, header))
             (out / "acceptance.json").write_text(json.dumps({"budget_gib": budget, "device": device, "rows": rows},
@@ -316,7 +303,9 @@ def acceptance(out: Path, budget: float, device: str = "cuda", shape: dict | Non
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("per_phase", "host_per_phase")}),
                       flush=True)
         left = None if deadline_s is None else deadline_s - (time.perf_counter() - t0)    # the build counts
-        rows = schedule(todo, capacity_of(device, work), start, wait, left, parallel, on_row=written)
+        rows = schedule(todo, capacity_of(device, work), lambda ph: start_process(ph, work),
+                        lambda running: wait_processes(running, work, keep={"come-gpu"}),     # later phases replay it
+                        left, parallel, on_row=written)
         written(rows)
         return rows, markdown(rows, header)
     finally:
