@@ -54,7 +54,7 @@ Paper map
     post-training of dropped models (§14)            -> drop_from_tree (the layer before a cut takes the block's span)
     BI only from the last merge on, on the device    -> measure (MergeRun.stale_from), block_influence(device=)
     --compare --post-train (every start, one recipe) -> come_cli.py: compare, post_trained_row
-    --train-data calib+austen (texts mixed)          -> come_cli.training_source, come_eval.mixed_windows, austen_rows
+    --train-data calib+austen, +self (texts mixed)   -> come_cli.training_windows, come_eval.mixed_windows, *_windows
     --latency (prompt and generation speed)          -> come_eval.measure_latency, speedup
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
@@ -1108,6 +1108,7 @@ class TrainConfig:
     save_dtype: str | None = None        # [OURS] dtype of the trained model (None: the student's); e.g. "float32"
     memory: str = "plain"                # [OURS] sp: "checkpoint" activations or "offload" (+ state on the host)
     offload_count: int | None = None     # [OURS] offload: how many trained layers go to the host (None: all)
+    sampled_text: bool = False           # [OURS] training text sampled from the dense model first (memory plan)
 
     @classmethod
     def from_recipe(cls, name: str, **settings) -> TrainConfig:

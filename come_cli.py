@@ -11,8 +11,10 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -164,9 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--post-train", choices=("none", "sp", "mp", "best"), default="none",
                     help="hierarchical distillation after pruning: sp (Algorithm 3), mp (Algorithm 4; torchrun-able), "
                          "best (our recipe, the defaults below marked best:) [ours]")
-    g.add_argument("--train-data", help="training text: calib (the calibration source), a --calib choice, austen "
-                   "(ours: Pride and Prejudice and Emma, training only), or a mix in equal shares joined by '+', e.g. "
-                   "calib+austen (default calib; best: calib+austen)")
+    g.add_argument("--train-data", help="training text: calib (the calibration source), a --calib choice (the "
+                   "training part of shakespeare, kjv, python-docs), austen (ours: Pride and Prejudice and Emma, "
+                   "training only), or a mix in equal shares joined by '+', e.g. calib+austen; in a mix, self is text "
+                   "sampled from the dense model (ours; seed --seed, temperature 1) (default calib; best: "
+                   f"{RECIPE_TEXT['best']})")
     for flag, kind, text, fallback in (
             ("--train-samples", int, "training rows", ""), ("--epochs", int, "post-training epochs", ""),
             ("--lr", float, "sp learning rate", ""), ("--train-seqlen", int, "training window", "--seqlen"),
@@ -261,6 +265,8 @@ def validate(args, ap) -> None:
             ap.error("--train-all applies to sp: teacher-forced (mp), an unmerged layer already equals its teacher")
         if args.distill_targets == "output" and args.post_train == "mp":
             ap.error("--distill-targets output applies to sp: mp trains each merged layer on its own boundary")
+    if "self" in (args.eval_ppl or []) or args.calib == "self":
+        ap.error("'self' (text sampled from the dense model) is training text only, in a mix such as calib+self")
     if "austen" in (args.eval_ppl or []) or args.calib == "austen":
         ap.error("'austen' is a training text only (--train-data austen or a mix such as wiki-offline+austen)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.post_train != "mp":
@@ -411,13 +417,14 @@ def prepare(args) -> Job:
                      train_all=args.train_all, targets=args.distill_targets, seed=args.seed,
                      recipe="best" if args.post_train == "best" else "paper", seqlen=args.train_seqlen,
                      save_dtype=None if args.save_dtype == "auto" else args.save_dtype,
-                     memory="plain" if args.post_train == "mp" else args.train_memory) \
+                     memory="plain" if args.post_train == "mp" else args.train_memory,
+                     sampled_text="self" in ev.mix_weights((args.train_data or "").split("+"))[0]) \
         if args.post_train != "none" else None
     calib = args.calib or (plan_in["calibration"]["source"] if plan_in and plan_in.get("calibration")
                            else "wiki-offline" if args.model == SMOLLM2 else "wikitext2")
     ppl_sources = args.eval_ppl if args.eval_ppl is not None else ([calib] if calib in ev.SOURCES else [])
     train_source = training_source(args.train_data, calib) if tc else None
-    for source in {calib, *(train_source or "").split("+"), *ppl_sources} - {None, ""}:
+    for source in {calib, *ev.mix_weights((train_source or "").split("+"))[0], *ppl_sources} - {None, ""}:
         ev.check_hub_source(source)         # before any weights or text are loaded
     settings = ev.EvalSettings(ppl=[] if ppl_sources == ["none"] else ppl_sources, seqlen=args.seqlen,
                             max_windows=args.eval_windows, tasks=ev.parse_tasks(args.tasks), task_path=args.task_path,
@@ -529,19 +536,27 @@ def load(job: Job):
         f"{count_params(model):,} parameters, {job.dtype}) on {job.args.device}")
     job.ppl_ids = {src: ev.eval_tokens(src, job.tokenizer, job.args.seqlen) for src in job.settings.ppl}
     job.facts.update(fingerprint=fingerprint(model), params_before=count_params(model))
-    if job.rank == 0 and job.args.eval_dense and (job.settings.ppl or job.settings.tasks):
-        cached = ev.dense_cache_file(job.facts["fingerprint"], job.dtype, job.settings)
-        if cached.is_file():
-            job.results["dense"] = json.loads(cached.read_text())
-            log(f"dense results from cache {cached}")
-        else:
-            job.results["dense"] = ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, "dense")
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(job.results["dense"], indent=1))
+    if job.args.eval_dense:
+        job.results["dense"] = cached_evaluation(job, model, "dense", job.facts["fingerprint"])
     if job.rank == 0 and job.latency:       # timed in this run, never cached: times belong to this machine
         job.results["dense_latency"] = ev.measure_latency(model, job.latency)
     job.phase("load")
     return model
+
+
+def cached_evaluation(job: Job, model, label: str, key: dict) -> dict | None:
+    """The evaluation of a model identified by `key` (the dense weights; [OURS] or those and a replayed plan), read
+    from the cache when this machine has run it with the same settings."""
+    if job.rank != 0 or not (job.settings.ppl or job.settings.tasks):
+        return None
+    cached = ev.dense_cache_file(key, job.dtype, job.settings)
+    if cached.is_file():
+        log(f"{label} results from cache {cached}")
+        return json.loads(cached.read_text())
+    result = ev.evaluate(model, job.tokenizer, job.settings, job.ppl_ids, label)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def _evaluate(job: Job, model, label: str) -> dict | None:
@@ -574,7 +589,14 @@ def prune(job: Job, model) -> None:
                 replay_step(model, step, job.cfg.fold_norms, job.merge.get("tensors"))
     job.facts.update(prune_seconds=time.perf_counter() - t0, prune_rss=rt.peak_rss_gib())
     job.phase("prune")
-    job.results["pruned"] = _evaluate(job, model, "pruned")
+    if job.plan_in:     # [OURS] a replay is deterministic: its evaluation is cached by weights, plan and depth
+        tensors = Path(job.args.apply_plan).with_name(rt.PLAN_TENSORS)
+        plan = hashlib.sha256(Path(job.args.apply_plan).read_bytes()
+                              + (tensors.read_bytes() if tensors.is_file() else b"")).hexdigest()
+        job.results["pruned"] = cached_evaluation(job, model, "pruned", {**job.facts["fingerprint"], "plan": plan,
+                                                                          "layers": job.target})
+    else:
+        job.results["pruned"] = _evaluate(job, model, "pruned")
     if job.rank == 0 and job.latency:
         job.results["pruned_latency"] = ev.measure_latency(model, job.latency)
     job.phase("evaluate")
@@ -585,11 +607,12 @@ def post_training(job: Job, model) -> None:
     if job.tc is None:
         return
     args = job.args
-    source, train_ids = training_windows(job)
     # the original model, loaded again: pruning never holds two models
     teacher = rt.load_model(resolve_model(args.model), args.device, job.dtype, job.memory["offload_layers"])
+    source, train_ids = training_windows(job, teacher)
     job.post = {"source": source, **post_train(model, teacher, job.merge["tree"], train_ids, job.tc, job.rank,
-                                               job.world), "peak_rss_gib": round(rt.peak_rss_gib(), 3)}
+                                               job.world), "peak_rss_gib": round(rt.peak_rss_gib(), 3),
+                **({"sampled_text": sampled_text(job)} if job.tc.sampled_text else {})}
     del teacher
     job.phase("post_train")
     if job.world > 1:
@@ -605,19 +628,30 @@ def post_training(job: Job, model) -> None:
 
 def training_source(train_data: str, calib: str) -> str:
     """--train-data with "calib" read as the calibration source: one text, or [OURS] a '+' mix of distinct texts."""
-    parts = [calib if part == "calib" else part for part in train_data.split("+")]
-    if "" in parts or len(set(parts)) != len(parts):
+    parts = [calib + part[5:] if re.fullmatch(r"calib(:\d+)?", part) else part for part in train_data.split("+")]
+    names = ev.mix_weights(parts)[0]
+    if "" in names or len(set(names)) != len(names):
         raise ComeError(f"--train-data {train_data}: a mix names each text once, joined by '+'; a text named twice "
                         f"or an empty name (calib is the calibration source, {calib})")
     return "+".join(parts)
 
 
-def training_windows(job: Job) -> tuple[str, torch.Tensor]:
-    """(source, token windows) of post-training: --train-data, one text or a '+' mix (calib: the calibration text)."""
+def sampled_text(job: Job) -> dict:
+    """How the training text sampled from the dense model was drawn (recorded next to the post-training)."""
+    return {"seed": job.args.seed, "temperature": ev.SELF_TEMPERATURE, "window": job.args.train_seqlen or
+            job.args.seqlen, "start": "the tokenizer's BOS token (EOS when it has none)",
+            "end of sequence": "suppressed"}
+
+
+def training_windows(job: Job, dense) -> tuple[str, torch.Tensor]:
+    """(source, token windows) of post-training: --train-data, one text or a '+' mix (calib: the calibration text;
+    self: text sampled from the dense model)."""
     args = job.args
     source, seqlen = training_source(args.train_data, job.calib), args.train_seqlen or args.seqlen
-    if "+" in source:       # [OURS] equal shares of several texts, interleaved
-        return source, ev.mixed_windows(source.split("+"), job.tokenizer, args.train_samples, seqlen, args.seed)
+    if "+" in source or source != ev.mix_weights([source])[0][0]:      # [OURS] shares of several texts, interleaved
+        return source, ev.mixed_windows(source.split("+"), job.tokenizer, args.train_samples, seqlen, args.seed,
+                                        sample=lambda n, length: ev.sampled_windows(dense, job.tokenizer, n, length,
+                                                                                    args.seed))
     # INTERPRETATION: training windows follow the calibration recipe and seed (first rows = calibration rows).
     return source, ev.calibration_windows(source, job.tokenizer, args.train_samples, seqlen, args.seed, "training")
 
@@ -661,7 +695,7 @@ def compare(job, base) -> dict:
     sparsities = [float(x) for x in args.sparsities.split(",")]
     params, targets = count_params(base), compare_targets(base.config, args.sparsities)
     rows, come_plan, plans = [], None, {}
-    train_ids = training_windows(job)[1] if job.tc else None
+    train_ids = training_windows(job, base)[1] if job.tc else None
     for name in names:
         method, mcfg = compare_variant(name, cfg, args.span)
         runs = [(name, targets)] if progressive(method, mcfg) else \
@@ -699,7 +733,9 @@ def compare(job, base) -> dict:
               "targets": targets, "dense": job.results.get("dense"), "rows": rows, "versions": rt.versions(),
               **({"dense_latency": job.results["dense_latency"]} if job.latency else {}),
               **({"post_training": {**dataclasses.asdict(job.tc), "windows": train_ids.shape[0],
-                                    "source": training_source(args.train_data, job.calib)}} if job.tc else {})}
+                                    "source": training_source(args.train_data, job.calib),
+                                    **({"sampled_text": sampled_text(job)} if job.tc.sampled_text else {})}}
+                 if job.tc else {})}
     names = [x for n in names for x in ([n, f"{n} + {args.post_train}"] if job.tc else [n])]
     markdown = ev.compare_markdown(report, names, sparsities)
 

