@@ -523,7 +523,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
     # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
     merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
-    # a plain drop makes no new layer: the kept layers are the checkpoint's own (and what it removed stays mapped)
+    # a plain drop makes no new layer: the kept layers are the checkpoint's own
     plain_drop = cfg.method in DROPPERS and not repair and cfg.method not in ("replaceme", "streamline")
     away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
     layer_activations = seqlen * (3 * f + 2 * d) * e
@@ -586,7 +586,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         host_state = per_layer * 16
         seqlen = tc.seqlen or seqlen                                  # the training window
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
-        student = weights + merged * (not plain_drop) if mapped else student_params * e - \
+        student = weights + merged if mapped else student_params * e - \
             max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
         # AdamW's sqrt(v): foreach over the device's trained layers on a GPU, for-loop per tensor on the CPU
         foreach_host = 3 * biggest * 4 if not gpu or away_n else 0
@@ -599,8 +599,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                      (live - away_n) * per_layer * (16 - e),
                  f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * host_state,
                  "AdamW temporaries": foreach,
-                 # the running offloaded layer's fp32 weights and gradients; on a CPU its weights are the master's own
-                 "staged layer": per_layer * (8 if gpu else 4) * (away_n > 0),
+                 "staged layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  # the teacher's state entering the student and at every loss position (mp: a layer's in and out)
