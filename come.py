@@ -54,7 +54,7 @@ Paper map
     post-training of dropped models (§14)            -> drop_from_tree (the layer before a cut takes the block's span)
     BI only from the last merge on, on the device    -> measure (MergeRun.stale_from), block_influence(device=)
     --compare --post-train (every start, one recipe) -> come_cli.py: compare, post_trained_row
-    --train-data calib+austen, +self (texts mixed)   -> come_cli.training_windows, come_eval.mixed_windows, *_windows
+    --train-data calib+austen, +self, kjv, ... (mix) -> come_eval.mixed_windows, sampled_windows, domain_rows
     --latency (prompt and generation speed)          -> come_eval.measure_latency, speedup
 
 Deviations from the authors' code (each marked `# DEVIATION:` below):
