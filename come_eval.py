@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 from come import ComeError, decoder_layers, device_of, log, progress_bar, token_nll
-from come_runtime import SELF_BATCH, SELF_KV_BYTES, TASK_ITEM_TOKENS, cache_root, write_folder
+from come_runtime import SELF_BATCH, TASK_ITEM_TOKENS, cache_root, sampling_batch, write_folder
 
 
 # ============================================================================ text sources and calibration windows
@@ -283,10 +283,7 @@ def sampled_windows(model, tokenizer, n: int, seqlen: int, seed: int) -> torch.T
     tokenizer's BOS token (its EOS when it has none), the rest is sampled token by token."""
     cfg, device = model.config, device_of(model)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * heads * head_dim * seqlen * model.dtype.itemsize
-    batch = max(1, min(SELF_BATCH, SELF_KV_BYTES // kv))
+    batch = sampling_batch(cfg, seqlen, model.dtype.itemsize, SELF_BATCH)
     checksum = sum(float(p.detach().double().sum()) for p in list(model.parameters())[:4])
     key = hashlib.sha256(json.dumps([cfg.name_or_path, checksum, seqlen, seed, SELF_TEMPERATURE, start, batch,
                                      device.type, str(model.dtype)]).encode()).hexdigest()[:16]

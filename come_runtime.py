@@ -490,6 +490,18 @@ def parameter_counts(config_json: str) -> tuple[int, int, int]:
             max(p.numel() for p in layer.parameters()))
 
 
+def kv_cache_bytes(config, tokens: int, itemsize: int) -> int:
+    """Keys and values of every layer for `tokens` tokens of one sequence."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * tokens * itemsize
+
+
+def sampling_batch(config, seqlen: int, itemsize: int, most: int = SELF_BATCH) -> int:
+    """[OURS] Windows sampled at once for --train-data ...+self: as many as SELF_KV_BYTES of KV cache hold."""
+    return max(1, min(most, SELF_KV_BYTES // kv_cache_bytes(config, seqlen, itemsize)))
+
+
 def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: int, target: int, cfg, tc,
                 budget: dict[str, float], placement: str = "auto", mapped: bool = False, offload: int = 0,
                 models: int = 1, tasks: tuple[int, int] | None = None, eval_while_pruning: bool = False,
@@ -530,10 +542,8 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     nll_logits = 512 * V * 4 * 2
     evaluation = max(layer_activations + nll_logits, tasks[0] * tasks[1] * V * 2 * e if tasks else 0)
     if latency:     # --latency: a whole prompt's logits and activations; the generation batch's KV cache and logits
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
         evaluation = max(evaluation, latency.prompt * (V * e + 3 * f * e + 2 * d * e),     # the dense model: L layers
-                         latency.gen_batch * (latency.gen_prompt + latency.new) * L * 2 * kv_heads * head_dim * e
+                         latency.gen_batch * kv_cache_bytes(config, latency.gen_prompt + latency.new, e)
                          + latency.gen_batch * V * 4 * 2)
     harness = LM_EVAL_GIB * GIB * bool(tasks)          # lm-eval's own host memory once tasks run
     suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco",
@@ -609,11 +619,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         on_host = away_n * host_state + 2 * away + foreach_host * (away_n > 0)
         during = sum(parts.values())
         if tc.sampled_text:     # [OURS] before training: teacher, student, the sampling batch's KV cache and logits
-            kv = 2 * L * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * \
-                (getattr(config, "head_dim", None) or d // config.num_attention_heads) * seqlen * e
-            batch = max(1, min(SELF_BATCH, SELF_KV_BYTES // kv))
-            parts["sampling the training text (before training; peak = the larger)"] = batch * (kv + 2 * V * 4)
-            during = max(during, weights + parts["student"] + batch * (kv + 2 * V * 4))
+            sampling = sampling_batch(config, seqlen, e) * (kv_cache_bytes(config, seqlen, e) + 2 * V * 4)
+            parts["sampling the training text (before training; peak = the larger)"] = sampling
+            during = max(during, weights + parts["student"] + sampling)
         phases["post_train"] = {"gpu": (during - on_host) * gpu * slack, "parts": parts,
                                 "host": runtime + (on_host if gpu else during)}
         # after training, the trained layers that were the checkpoint's own are new tensors beside its mapped pages
