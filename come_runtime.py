@@ -213,10 +213,11 @@ class HostTraining:
     the optimizer steps there (`opt`). `staged(j)` copies layer j's weights onto the device for a forward (or a
     forward and its backward, which come.distill_step runs layer by layer) and frees them after it. Every gradient
     leaves the device as soon as it is accumulated (a post-accumulate-grad hook copies it into the host buffer and
-    drops it). So the device holds, of training state, one layer's float32 weights and at most its gradients
-    (`peak_device_bytes` counts them) whatever the number of trained layers, and the host 16 bytes per trained
-    parameter (`host_bytes`). On a GPU the two flat buffers of a layer are page-locked by registering them at their
-    exact size (no power-of-two rounding of CUDA's host allocator) and unregistered by `finish`.
+    drops it). So the device holds, of training state, one layer's float32 weights and one gradient at a time
+    (`peak_device_bytes` counts them; on a CPU the staged weights are the master itself) whatever the number of
+    trained layers, and the host 16 bytes per trained parameter (`host_bytes`). On a GPU the two flat buffers of a
+    layer are page-locked by registering them at their exact size (no power-of-two rounding of CUDA's host
+    allocator) and unregistered by `finish`.
     """
 
     def __init__(self, layers: nn.ModuleList, js: list[int], lr: float, weight_decay: float,
@@ -295,7 +296,7 @@ class HostTraining:
     def finish(self) -> None:
         """Plain float32 parameters on the device again, with the trained weights; hooks removed, memory unlocked."""
         log(f"offloaded training state {self.host_bytes / 2**20:,.1f} MiB on the host; on the device at most "
-            f"{self.peak_device_bytes / 2**20:,.1f} MiB (one staged layer and its gradients)")
+            f"{self.peak_device_bytes / 2**20:,.1f} MiB (one staged layer and one gradient)")
         for pairs in self.state.values():
             for p, master, _ in pairs:
                 p.data = master.detach().to(self.device)
@@ -434,6 +435,10 @@ GIB = 2**30
 # [OURS] sampling training text from the dense model (--train-data ...+self): the KV cache of one batch, its windows
 SELF_KV_BYTES, SELF_BATCH = 2 << 30, 64
 RUNTIME_GIB = 0.45      # resident python, torch, transformers, tokenizer and text before any weights (measured)
+# on a CPU, the kernels' code and buffers that the first forward and loss page in, kept for the process's life
+# (measured: 0.12 GiB on SmolLM2, 0.16 on the 7B slice)
+CPU_KERNELS_GIB = 0.2
+TRAINING_RESIDUE_GIB = 0.1  # host heap post-training leaves that malloc_trim does not return (0.04-0.12, 7B slice)
 # The paper models' config.json values, so that --dry-run plans them offline.
 
 PAPER_CONFIGS = {
@@ -520,9 +525,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     `models`: copies of the weights alive while pruning (--compare and a standalone weightsum prune a copy).
     `offload`: decoder layers a device_map keeps on the host (disk on a CPU run); merged ones come onto the device.
     `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
-    lives, replaced layers included, so merged layers come on top; an untied input embedding is paged in only where
-    tokens occur. One model for --dry-run, the cache placement (GPU, host, or memory-mapped disk) and the refusal to
-    start a run that cannot finish; docs/paper-scale.md compares it with measured peaks.
+    lives, replaced layers included, so merged layers come on top (a plain drop makes none); an untied input
+    embedding is paged in only where tokens occur. One model for --dry-run, the cache placement (GPU, host, or
+    memory-mapped disk) and the refusal to start a run that cannot finish; docs/paper-scale.md compares it with
+    measured peaks.
     """
     e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
         config.num_hidden_layers
@@ -533,10 +539,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1) * (not no_cache) \
         * (min(MKA_TOKENS, seqlen) / seqlen if cfg.method == "mka" else 1)     # MKA caches its first tokens only
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
-    # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
-    merged = (L - target if mapped else min(offload, L - target)) * per_layer * e
     # a plain drop makes no new layer: the kept layers are the checkpoint's own
     plain_drop = cfg.method in DROPPERS and not repair and cfg.method not in ("replaceme", "streamline")
+    # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
+    merged = ((L - target) * (not plain_drop) if mapped else min(offload, L - target)) * per_layer * e
     away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
     layer_activations = seqlen * (3 * f + 2 * d) * e
     nll_logits = 512 * V * 4 * 2
@@ -570,7 +576,8 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # distances, kernel, its normalizations, the SVD's factors)
                  "MKA distances": (MKA_BLOCK_BYTES + 8 * windows * windows * 8) * (cfg.method == "mka"),
                  "evaluation": evaluation * eval_while_pruning}
-    phases, runtime, slack = {}, (RUNTIME_GIB + CUDA_HOST_GIB * gpu) * GIB, 1 + ALLOCATOR_RESERVE * gpu
+    phases, slack = {}, 1 + ALLOCATOR_RESERVE * gpu
+    runtime = (RUNTIME_GIB + (CUDA_HOST_GIB if gpu else CPU_KERNELS_GIB)) * GIB
     for where in [placement] if placement != "auto" else (["gpu"] if gpu and not offload else []) + ["host", "disk"]:
         parts = {"weights": weights * models, "merged layers": merged, "offloaded layers": away,
                  f"hidden-state cache ({where})": cache if where != "disk" else one_state, **transient}
@@ -609,13 +616,19 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                      (live - away_n) * per_layer * (16 - e),
                  f"training state ({away_n} layer{'s' * (away_n != 1)}, on the host)": away_n * host_state,
                  "AdamW temporaries": foreach,
-                 "staged layer": per_layer * 8 * (away_n > 0),    # the running offloaded layer's fp32 weights, grads
+                 # the running offloaded layer's float32 weights (on a CPU: the host master itself) and the one
+                 # gradient on its way to the host (HostTraining.peak_device_bytes)
+                 "staged layer": (per_layer * 4 * gpu + biggest * 4) * (away_n > 0),
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  # the teacher's state entering the student and at every loss position (mp: a layer's in and out)
                  "teacher states": (3 if tc.mode == "mp" else (n if tc.targets == "merged" else 1) + 1)
                  * tc.batch_size * seqlen * d * e,
-                 "KL chunk": tc.kl_chunk * V * 4 * 4, "cast to --save-dtype": cast}
+                 # each loss position's gradient (in the model's dtype), alive until the backward
+                 "loss gradients": (n if tc.mode == "sp" and tc.targets == "merged" else 1) * tc.batch_size * seqlen
+                 * d * e,
+                 # float32 chunk x vocabulary: both log-softmaxes and kl_div's three temporaries (measured)
+                 "KL chunk": tc.kl_chunk * V * 4 * 5, "cast to --save-dtype": cast}
         on_host = away_n * host_state + 2 * away + foreach_host * (away_n > 0)
         during = sum(parts.values())
         if tc.sampled_text:     # [OURS] before training: teacher, student, the sampling batch's KV cache and logits
@@ -626,8 +639,10 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                                 "host": runtime + (on_host if gpu else during)}
         # after training, the trained layers that were the checkpoint's own are new tensors beside its mapped pages
         fresh = (n if plain_drop else max(n - (L - target), 0)) * per_layer * e * mapped
-        phases["evaluate post-trained"] = {**phases["evaluate"], "host": phases["evaluate"]["host"] + fresh,
-                                           "parts": {**phases["evaluate"]["parts"], "trained layers": fresh}}
+        residue = TRAINING_RESIDUE_GIB * GIB
+        phases["evaluate post-trained"] = {**phases["evaluate"], "host": phases["evaluate"]["host"] + fresh + residue,
+                                           "parts": {**phases["evaluate"]["parts"], "trained layers": fresh,
+                                                     "heap left by training": residue}}
     saved_bytes = student_params * (save_dtype or dtype).itemsize
     save_parts = {"model": saved_bytes * (not gpu), "serialized copy": saved_bytes}
     phases["save"] = {"gpu": saved_bytes * gpu * slack, "parts": save_parts, "host": runtime + sum(save_parts.values())}
