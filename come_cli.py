@@ -46,10 +46,11 @@ def compare_variant(name: str, cfg: ComeConfig, span: int | None = None) -> tupl
 
 
 # [OURS] A post-training recipe on the command line: its TrainConfig settings under their flag names, its number of
-# training windows, and its training text (best: the calibration text mixed with two Austen novels, --train-data).
+# training windows, and its training text (best: the calibration text for half of the windows, the rest two Austen
+# novels and the training parts of three more domains, --train-data; chosen leaving each domain out in turn).
 RECIPE_FLAGS = {"epochs": "epochs", "lr": "lr", "seqlen": "train_seqlen", "loss": "distill_loss",
                 "targets": "distill_targets", "train_all": "train_all", "batch_size": "train_batch_size"}
-RECIPE_TEXT = {"paper": "calib", "best": "calib+austen"}
+RECIPE_TEXT = {"paper": "calib", "best": "calib:4+austen+shakespeare+kjv+python-docs"}
 
 
 def recipe_defaults(name: str) -> dict:
@@ -168,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "best (our recipe, the defaults below marked best:) [ours]")
     g.add_argument("--train-data", help="training text: calib (the calibration source), a --calib choice (the "
                    "training part of shakespeare, kjv, python-docs), austen (ours: Pride and Prejudice and Emma, "
-                   "training only), or a mix in equal shares joined by '+', e.g. calib+austen; in a mix, self is text "
-                   "sampled from the dense model (ours; seed --seed, temperature 1) (default calib; best: "
-                   f"{RECIPE_TEXT['best']})")
+                   "training only), or a mix joined by '+' in equal shares (NAME:N takes N shares), e.g. "
+                   "calib+austen; in a mix, self is text sampled from the dense model (ours; seed --seed, temperature "
+                   f"1) (default calib; best: {RECIPE_TEXT['best']}, less the --calib text)")
     for flag, kind, text, fallback in (
             ("--train-samples", int, "training rows", ""), ("--epochs", int, "post-training epochs", ""),
             ("--lr", float, "sp learning rate", ""), ("--train-seqlen", int, "training window", "--seqlen"),
@@ -253,6 +254,8 @@ def validate(args, ap) -> None:
         for key, value in recipe_defaults("best" if args.post_train == "best" else "paper").items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        if args.train_data == RECIPE_TEXT["best"]:      # a calibration text that is one of the recipe's: once
+            args.train_data = "+".join(p for p in args.train_data.split("+") if p != args.calib)
         if args.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             ap.error("--compare with --post-train runs in one process (torchrun is for a single --post-train mp)")
         args.train_batch_size = args.batch_size if args.train_batch_size is None else args.train_batch_size

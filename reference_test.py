@@ -1950,7 +1950,12 @@ def test_cli_best_recipe_lands_in_the_plan_and_replays(tiny_folder, calib_txt, t
     assert settings["lr"] == best["lr"] and settings["epochs"] == best["epochs"]
     assert settings["targets"] == best["distill_targets"] and settings["train_all"] == best["train_all"]
     assert settings["loss"] == best["distill_loss"] and plan["post_training"]["tokens"] % 16 == 0
-    assert best["train_data"] == "calib+austen" and plan["post_training"]["source"] == f"{calib_txt}+austen"
+    assert best["train_data"] == "calib:4+austen+shakespeare+kjv+python-docs"
+    assert plan["post_training"]["source"] == f"{calib_txt}:4+austen+shakespeare+kjv+python-docs"
+    ap = come_cli.build_parser()
+    args = ap.parse_args(["--post-train", "best", "--calib", "kjv"])
+    come_cli.validate(args, ap)     # a calibration text the recipe also names is trained on once, as calib
+    assert args.train_data == "calib:4+austen+shakespeare+python-docs"
     replay = cli(*common, "--apply-plan", tmp_path / "a" / "come_plan.json", "--save", tmp_path / "b")
     assert replay["post_training"]["settings"] == settings
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
