@@ -602,6 +602,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         # locked by registration at their exact size) and the two AdamW moments
         host_state = per_layer * 16
         seqlen = tc.seqlen or seqlen                                  # the training window
+        losses = n if tc.mode == "sp" and tc.targets == "merged" else 1     # loss positions of a step
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
         student = weights + merged if mapped else student_params * e - \
             max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
@@ -622,11 +623,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  "activations": saved * (target if tc.mode == "sp" and tc.memory == "plain" else 1)
                  + target * tc.batch_size * seqlen * d * 4 * (tc.mode == "sp" and tc.memory != "plain"),
                  # the teacher's state entering the student and at every loss position (mp: a layer's in and out)
-                 "teacher states": (3 if tc.mode == "mp" else (n if tc.targets == "merged" else 1) + 1)
-                 * tc.batch_size * seqlen * d * e,
+                 "teacher states": (3 if tc.mode == "mp" else losses + 1) * tc.batch_size * seqlen * d * e,
                  # each loss position's gradient (in the model's dtype), alive until the backward
-                 "loss gradients": (n if tc.mode == "sp" and tc.targets == "merged" else 1) * tc.batch_size * seqlen
-                 * d * e,
+                 "loss gradients": losses * tc.batch_size * seqlen * d * e,
                  # float32 chunk x vocabulary: both log-softmaxes and kl_div's three temporaries (measured)
                  "KL chunk": tc.kl_chunk * V * 4 * 5, "cast to --save-dtype": cast}
         on_host = away_n * host_state + 2 * away + foreach_host * (away_n > 0)
