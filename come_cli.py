@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import come_eval as ev          # data and evaluation (text sources, perplexity, lm-eval tasks, reports)
 import come_runtime as rt       # machinery beyond the method: files, devices, memory plan
-from come import (COME_METHODS, DROPPERS, PAPER_PRESETS, PRUNERS, REDUCTIONS, REPAIR_TOKEN_FLOOR, TRAIN_RECIPES,
-                  TRAIN_WINDOWS, ComeConfig, ComeError, TrainConfig, apply_plan, check_mka_windows, check_supported,
-                  come_plus, count_params, decoder_layers, fingerprint, layers_to_remove, log, meta_model, post_train,
+from come import (COME_METHODS, DROPPERS, FAMILIES, PAPER_PRESETS, PRUNERS, REDUCTIONS, REPAIR_TOKEN_FLOOR,
+                  TRAIN_RECIPES, TRAIN_WINDOWS, ComeConfig, ComeError, TrainConfig, apply_plan, check_mka_windows,
+                  come_plus, count_params, decoder_layers, fingerprint, layers_to_remove, log, post_train,
                   replay_step, span_for)
 
 
@@ -71,6 +71,18 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ComeError(f"model folder '{name}' does not exist")
     return name
+
+
+def check_supported(config) -> None:
+    if config.model_type not in FAMILIES:
+        raise ComeError(f"unsupported architecture '{config.model_type}'. Supported families: "
+                        + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
+
+
+def meta_model(config):
+    """The model of `config` on the meta device: shapes and parameter counts, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_config(name: str, builtin: bool = False):

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-from come import ComeError, decoder_layers, device_of, log, progress_bar, token_nll
+from come import ComeError, decoder_layers, device_of, log, progress_bar, release_heap, token_nll
 from come_runtime import SELF_BATCH, TASK_ITEM_TOKENS, cache_root, sampling_batch, write_folder
 
 
@@ -402,6 +402,8 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
         hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
         s, c = token_nll(model, hidden, window, normed=True)
         total, count = total + s, count + c
+        del hidden
+        release_heap()          # [OURS] the window's freed activations leave the heap
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
     return {"ppl": math.exp(total / count), "windows": n, "seqlen": seqlen, "tokens": count}

@@ -10,9 +10,6 @@ Like come.py it needs only torch and transformers at import.
 from __future__ import annotations
 
 import contextlib
-import copy
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import gc
@@ -29,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from come import DROPPERS, MKA_BLOCK_BYTES, MKA_TOKENS, ComeError, device_of, log
+from come import MKA_BLOCK_BYTES, MKA_TOKENS, ComeError, device_of, log, release_heap
 
 
 def cache_root() -> Path:
@@ -386,8 +383,7 @@ def trim_host_heap() -> None:
     the next phase does not stack on it: after post-training (teacher, AdamW state, activations freed) the
     evaluation peaked 1.1 GiB higher without it on SmolLM2. Nothing where the C library has no malloc_trim."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    release_heap()
 
 
 def restart_peaks(device: str) -> tuple[float | None, dict[str, float] | None]:
@@ -525,8 +521,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     `models`: copies of the weights alive while pruning (--compare and a standalone weightsum prune a copy).
     `offload`: decoder layers a device_map keeps on the host (disk on a CPU run); merged ones come onto the device.
     `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
-    lives, replaced layers included, so merged layers come on top (a plain drop makes none); an untied input
-    embedding is paged in only where tokens occur. One model for --dry-run, the cache placement (GPU, host, or
+    lives, replaced layers included; a merge is written over its first source's pages (private copies replace them
+    one for one), so it adds none, and an offloaded trained layer comes back as new tensors beside its pages; an
+    untied input embedding is paged in only where tokens occur. One model for --dry-run, the cache placement (GPU, host, or
     memory-mapped disk) and the refusal to start a run that cannot finish; docs/paper-scale.md compares it with
     measured peaks.
     """
@@ -539,10 +536,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1) * (not no_cache) \
         * (min(MKA_TOKENS, seqlen) / seqlen if cfg.method == "mka" else 1)     # MKA caches its first tokens only
     weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
-    # a plain drop makes no new layer: the kept layers are the checkpoint's own
-    plain_drop = cfg.method in DROPPERS and not repair and cfg.method not in ("replaceme", "streamline")
-    # mapped: next to the replaced layers' still-mapped pages; offload: merges of offloaded layers land on the device
-    merged = ((L - target) * (not plain_drop) if mapped else min(offload, L - target)) * per_layer * e
+    # a merge is written into its first source layer (load_state_dict, copy_): on a mapped checkpoint its copy-on-write
+    # pages replace the file's one for one, so it adds nothing; but merges of offloaded layers land on the device
+    merged = min(offload, L - target) * per_layer * e
     away = offload * per_layer * e * gpu       # offloaded layers in host memory (on a CPU run: on disk)
     layer_activations = seqlen * (3 * f + 2 * d) * e
     nll_logits = 512 * V * 4 * 2
@@ -559,10 +555,11 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  # fp32 copies of both sources when they are not fp32 or when norms are folded into them
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
                  + biggest * (4 * (1 + 2 * (e != 4 or cfg.fold_norms)) + e * (e != 4)),
-                 # refit: the float32 layer and its float32 state-dict copy; float64 G, z^T z, the solve's matrix and LU
-                 # workspace (d_ff x d_ff each), C, R^T z, W_0, the right-hand side and the solution (d x d_ff each),
-                 # one window's z, output and residual in float64; auto: the held-out window's G and C
-                 "refit": repair * (per_layer * 8 * (e != 4) + (f * f * 4 + d * f * 5 + seqlen * (f + 3 * d)
+                 # refit: the float32 layer and its float32 state-dict copy; float64 G, the solve's matrix and its LU
+                 # factor (d_ff x d_ff each; z^T z lives only while the sums run, before them), C, W_0, the right-hand
+                 # side, its copy and the solution (d x d_ff each), one window's z, output and residual in float64;
+                 # auto: the held-out window's G and C
+                 "refit": repair * (per_layer * 8 * (e != 4) + (f * f * 3 + d * f * 5 + seqlen * (f + 3 * d)
                                     + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
                  "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
                  # taylor: every decoder weight's gradient, each layer's checkpointed input, one layer's activations
@@ -604,7 +601,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
         seqlen = tc.seqlen or seqlen                                  # the training window
         losses = n if tc.mode == "sp" and tc.targets == "merged" else 1     # loss positions of a step
         saved = tc.batch_size * seqlen * (12 * d + 6 * f) * 4        # one trained layer's saved activations
-        student = weights + merged if mapped else student_params * e - \
+        student = weights if mapped else student_params * e - \
             max(offload - 2 * (L - target), 0) * per_layer * e      # offloaded layers no merge consumed
         # AdamW's sqrt(v): foreach over the device's trained layers on a GPU, for-loop per tensor on the CPU
         foreach_host = 3 * biggest * 4 if not gpu or away_n else 0
@@ -636,8 +633,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
             during = max(during, weights + parts["student"] + sampling)
         phases["post_train"] = {"gpu": (during - on_host) * gpu * slack, "parts": parts,
                                 "host": runtime + (on_host if gpu else during)}
-        # after training, the trained layers that were the checkpoint's own are new tensors beside its mapped pages
-        fresh = (n if plain_drop else max(n - (L - target), 0)) * per_layer * e * mapped
+        # after training, an offloaded layer's weights are its float32 host master (HostTraining.finish), beside its
+        # mapped pages; the optimizer steps every other trained layer in place
+        fresh = away_n * per_layer * e * mapped
         residue = TRAINING_RESIDUE_GIB * GIB
         phases["evaluate post-trained"] = {**phases["evaluate"], "host": phases["evaluate"]["host"] + fresh + residue,
                                            "parts": {**phases["evaluate"]["parts"], "trained layers": fresh,

@@ -1096,27 +1096,53 @@ def test_a_mix_with_the_model_s_own_text_takes_its_share_of_sampled_windows(tmp_
         come_eval.mixed_windows(["self", str(path)], tok, 7, 16, seed=3, sample=sample)
 
 
-def test_on_a_mapped_checkpoint_training_a_dropped_model_makes_new_layers_the_evaluation_after_it_plans():
-    """Mapped CPU checkpoint: after training, each trained layer that was the checkpoint's own (a plain drop's) is a
-    new tensor beside its mapped pages, and the evaluation after training plans it; a merge's trained layers are its
-    merged layers, already counted (a plain drop adds no layer before training)."""
+def test_on_a_mapped_checkpoint_merges_add_no_layer_and_offloaded_training_adds_its_layers():
+    """Mapped CPU checkpoint: a merge is written over its first source's pages, so neither a merge nor a drop plans a
+    new layer before training; after training, each offloaded trained layer is its float32 host master beside its
+    mapped pages (the evaluation after training plans it), while a layer the optimizer steps in place adds none."""
     config = AutoConfig.from_pretrained(TINY / "llama-gqa")
-    tc = come.TrainConfig(mode="sp", seqlen=32)
     _, per_layer, _ = come_runtime.parameter_counts(config.to_json_string())
-    plans = {m: come_runtime.memory_plan(config, torch.float32, "cpu", 3, 32, 5, come.ComeConfig(method=m), tc,
-                                         {"gpu": 0.0, "host": 1e12}, mapped=True)["memory"]
-             for m in ("reverse", "come")}
-    drop, merge = plans["reverse"], plans["come"]
-    # a merge's new layers come on top of the mapped pages; a plain drop makes none
-    assert drop["evaluate"]["parts_bytes"]["merged layers"] == 0
-    assert merge["evaluate"]["parts_bytes"]["merged layers"] == 2 * per_layer * 4
-    assert drop["evaluate post-trained"]["parts_bytes"]["trained layers"] == 2 * per_layer * 4     # 7 -> 5: 2 trained
-    assert merge["evaluate post-trained"]["parts_bytes"]["trained layers"] == 0
+    plans = {(m, memory): come_runtime.memory_plan(config, torch.float32, "cpu", 3, 32, 5, come.ComeConfig(method=m),
+                                                   come.TrainConfig(mode="sp", seqlen=32, memory=memory),
+                                                   {"gpu": 0.0, "host": 1e12}, mapped=True)["memory"]
+             for m in ("reverse", "come") for memory in ("plain", "offload")}
     residue = come_runtime.TRAINING_RESIDUE_GIB     # the heap training leaves, after either
-    assert drop["evaluate post-trained"]["host_gib"] == pytest.approx(drop["evaluate"]["host_gib"] + residue
-                                                                      + 2 * per_layer * 4 / 2**30, abs=0.011)
-    assert merge["evaluate post-trained"]["host_gib"] == pytest.approx(merge["evaluate"]["host_gib"] + residue,
-                                                                       abs=0.011)
+    for (method, memory), plan in plans.items():
+        assert plan["prune"]["parts_bytes"]["merged layers"] == plan["evaluate"]["parts_bytes"]["merged layers"] == 0
+        trained = 2 * per_layer * 4 * (memory == "offload")        # 7 -> 5: 2 trained layers
+        assert plan["evaluate post-trained"]["parts_bytes"]["trained layers"] == trained, (method, memory)
+        assert plan["evaluate post-trained"]["host_gib"] == pytest.approx(
+            plan["evaluate"]["host_gib"] + residue + trained / 2**30, abs=0.011)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings (Linux)")
+def test_a_merge_on_a_mapped_checkpoint_writes_over_its_first_source_layer(tiny_folder):
+    """What the mapped plan relies on: a CPU model loaded from its checkpoint in its own dtype keeps its weights in
+    the file's mapping, and a merge (or a refit) copies into the first source layer's parameters, so every weight
+    stays inside the mapping: no merged layer is allocated beside the checkpoint's pages."""
+    folder = tiny_folder("llama-gqa")
+    model = come_runtime.load_model(str(folder), "cpu", torch.float32)
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str((folder / "model.safetensors").resolve())):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            spans.append((lo, hi))
+    assert spans, "the checkpoint is not memory-mapped"
+    def mapped(t):
+        return any(lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi for lo, hi in spans)
+    layers = come.decoder_layers(model)
+    assert all(mapped(p) for layer in layers for p in layer.parameters())
+    before = {n: p.data_ptr() for n, p in layers[1].named_parameters()}
+    sources = [come.layer_state(layer) for layer in layers[1:3]]
+    groups, neurons = [torch.tensor([0, 2]), torch.tensor([1])], [torch.arange(0, 172, 2), torch.arange(1, 172, 2)]
+    merged = come.concat_merge(sources, groups, neurons, [0.5, 0.5], come.attn_shape(model.config))
+    come.apply_merge(model, 1, 2, merged)
+    come.set_weight(model, 1, "mlp.down_proj.weight", torch.randn_like(merged["mlp.down_proj.weight"]))
+    layer = come.decoder_layers(model)[1]
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == before
+    assert all(mapped(p) for layer in come.decoder_layers(model) for p in layer.parameters())
+    for name, p in layer.state_dict().items():
+        assert torch.equal(p, merged[name]) or name == "mlp.down_proj.weight"
 
 
 def test_the_memory_plan_counts_sampling_the_training_text_before_training():
@@ -2357,10 +2383,57 @@ def test_the_nll_logits_term_bounds_the_perplexity_loss_over_many_chunks():
     assert plan["NLL logits"] - small <= counted.peak <= plan["NLL logits"] + small
 
 
+def test_passes_over_the_windows_hand_the_heap_back_after_every_layer_and_window(monkeypatch):
+    """glibc keeps freed tensors of a few MiB in its heap, resident, unless asked to return them (the plan counts
+    live tensors only): a refresh hands the heap back after every layer, a suffix pass and a perplexity after every
+    window."""
+    come.release_heap()                     # the real one: malloc_trim where glibc has it, nothing elsewhere
+    model = make_tiny("llama-gqa")
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(come, "release_heap", lambda: calls.append("come"))
+    monkeypatch.setattr(come_eval, "release_heap", lambda: calls.append("eval"))
+    cache = come.HiddenStates(model, ids)
+    cache.refresh(0)
+    layers = come.decoder_layers(model)
+    assert calls == ["come"] * len(layers)
+    calls.clear()
+    cache.nll_from(1, [(1, layers[1]), (2, layers[2])])
+    assert calls == ["come"] * 3
+    calls.clear()
+    with torch.inference_mode():
+        come_eval.perplexity(model, ids.reshape(1, -1), 16)
+    assert calls == ["eval"] * 3
+
+
+@pytest.mark.parametrize("alpha", [1e-2, "auto"])
+def test_the_refit_term_bounds_what_the_refit_holds(alpha):
+    """The plan's "refit" bounds the storages one ridge refit of down_proj creates, within a tenth: in a layer whose
+    d_ff is many times its width the float64 d_ff x d_ff matrices alive at once (the sums' G, the solve's matrix and its
+    LU factor; z^T z only before them) are almost all of it, so a fourth such matrix in the plan, or one missing in
+    the code, moves the bound by a third."""
+    config = copy.deepcopy(make_tiny("llama-mha").config)
+    heads = config.num_attention_heads
+    config.hidden_size, config.intermediate_size, config.head_dim = 8 * heads, 1024, 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cache = come.HiddenStates(model, ids)
+    cache.refresh(0)
+    targets = cache.states[3].clone()
+    plan = come_runtime.memory_plan(config, torch.float32, "cpu", 2, 16, 2,
+                                    come.ComeConfig(repair="lstsq", repair_alpha=alpha), None,
+                                    {"gpu": 0.0, "host": 1e12})["memory"]["prune"]["parts_bytes"]
+    with LiveBytes() as counted:
+        come.refit_projection(cache, 1, targets, "lstsq", alpha)
+    assert 0.9 * plan["refit"] <= counted.peak <= plan["refit"]
+
+
 def test_offloading_the_training_state_of_a_mapped_checkpoint_leaves_its_pages_in_the_plan():
     """On a CPU run from a memory-mapped checkpoint, the trained layers' mapped pages stay resident when their state
     moves to host buffers (measured: SmolLM2, --train-all offload, 3.13 GiB against a plan of 2.85 that let them go):
-    the student keeps every mapped weight and merged layer; without a mapping the offloaded layers leave it."""
+    the student keeps every mapped weight (merged layers are written over their pages); without a mapping the
+    offloaded layers leave it."""
     config = make_tiny("llama-gqa").config
     tc = come.TrainConfig(mode="sp", memory="offload", train_all=True)
     plans = {mapped: come_runtime.memory_plan(config, torch.float32, "cpu", 4, 32, 4, come.ComeConfig(), tc,
@@ -2368,7 +2441,7 @@ def test_offloading_the_training_state_of_a_mapped_checkpoint_leaves_its_pages_i
              for mapped in (True, False)}
     per_layer = sum(p.numel() for p in make_tiny("llama-gqa").model.layers[0].parameters())
     prune = plans[True]["prune"]["parts_bytes"]
-    assert plans[True]["post_train"]["parts_bytes"]["student"] == prune["weights"] + prune["merged layers"]
+    assert plans[True]["post_train"]["parts_bytes"]["student"] == prune["weights"]
     total = sum(p.numel() for p in make_tiny("llama-gqa").parameters())
     assert plans[False]["post_train"]["parts_bytes"]["student"] == (total - 3 * per_layer - 4 * per_layer) * 4
 
@@ -2450,7 +2523,7 @@ def test_post_training_every_layer_at_7b_fits_by_moving_what_the_host_holds_to_t
     common = ["--model", "meta-llama/Llama-2-7b-hf", "--sparsity", 0.3, "--method", "sleb", "--dry-run", "--device",
               "cuda", "--gpu-gib", 40, "--host-gib", 64, "--post-train", "best"]
     config = come_cli.load_config("meta-llama/Llama-2-7b-hf", builtin=True)
-    per_layer = sum(p.numel() for p in come.meta_model(config).model.layers[0].parameters())
+    per_layer = sum(p.numel() for p in come_cli.meta_model(config).model.layers[0].parameters())
     plan = cli(*common)
     k = plan["train_offload_count"]
     parts = plan["memory"]["post_train"]["parts_bytes"]
