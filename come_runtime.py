@@ -523,9 +523,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     `mapped`: the weights are a memory-mapped checkpoint (CPU, same dtype): its pages stay resident while the model
     lives, replaced layers included; a merge is written over its first source's pages (private copies replace them
     one for one), so it adds none, and an offloaded trained layer comes back as new tensors beside its pages; an
-    untied input embedding is paged in only where tokens occur. One model for --dry-run, the cache placement (GPU, host, or
-    memory-mapped disk) and the refusal to start a run that cannot finish; docs/paper-scale.md compares it with
-    measured peaks.
+    untied input embedding's rows are paged in as tokens occur (over a run's texts, most of them). One model for
+    --dry-run, the cache placement (GPU, host, or memory-mapped disk) and the refusal to start a run that cannot
+    finish; docs/paper-scale.md compares it with measured peaks.
     """
     e, d, f, V, L = dtype.itemsize, config.hidden_size, config.intermediate_size, config.vocab_size, \
         config.num_hidden_layers
@@ -535,7 +535,7 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     no_cache = cfg.method in ("taylor", "taylor+", "magnitude", "magnitude+", "reverse") and not repair
     cache = (L + 1) * one_state * (2 if repair and cfg.repair_target == "dense" else 1) * (not no_cache) \
         * (min(MKA_TOKENS, seqlen) / seqlen if cfg.method == "mka" else 1)     # MKA caches its first tokens only
-    weights = (total - offload * per_layer) * e - (V * d * e if mapped and not config.tie_word_embeddings else 0)
+    weights = (total - offload * per_layer) * e
     # a merge is written into its first source layer (load_state_dict, copy_): on a mapped checkpoint its copy-on-write
     # pages replace the file's one for one, so it adds nothing; but merges of offloaded layers land on the device
     merged = min(offload, L - target) * per_layer * e
@@ -550,7 +550,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
     harness = LM_EVAL_GIB * GIB * bool(tasks)          # lm-eval's own host memory once tasks run
     suffix_passes = cfg.method == "come-p" or cfg.skip_score in ("merge", "sleb") or cfg.method in ("sleb", "laco",
                                                                                                     "ppl")
-    transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits,
+    # the calibration NLL of a candidate or a cut (CoMe reads none: its choices come from the cached states)
+    reads_nll = cfg.method in ("come-p", "sleb", "ppl") or cfg.skip_score in ("merge", "sleb")
+    transient = {"one layer's activations": layer_activations, "NLL logits": nll_logits * reads_nll,
                  # merged + candidate layer; concat_merge's largest weight: the result in fp32 (and the cast), plus
                  # fp32 copies of both sources when they are not fp32 or when norms are folded into them
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e

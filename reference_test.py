@@ -2367,20 +2367,22 @@ def test_the_kl_chunk_and_the_loss_gradients_are_what_distillation_holds(dtype):
 
 def test_the_nll_logits_term_bounds_the_perplexity_loss_over_many_chunks():
     """token_nll over four chunks of 512 tokens holds one chunk's logits and log-probabilities at a time (or the
-    last chunk's logits while the next chunk's are made), the plan's "NLL logits"; all four chunks at once would be
-    four times the chunk."""
+    last chunk's logits while the next chunk's are made), the plan's "NLL logits" of a method that reads an NLL while
+    pruning (SLEB); all four chunks at once would be four times the chunk."""
     config = copy.deepcopy(make_tiny("llama-gqa").config)
     config.vocab_size = 4096
     head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False).requires_grad_(False)
     model = type("Headed", (), {"get_output_embeddings": lambda self: head})()
     hidden = torch.randn(1, 2048, config.hidden_size)
     ids = torch.randint(0, config.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
-    plan = come_runtime.memory_plan(config, torch.float32, "cpu", 2, 2048, 4, come.ComeConfig(), None,
-                                    {"gpu": 0.0, "host": 1e12})["memory"]["prune"]["parts_bytes"]
+    plans = {m: come_runtime.memory_plan(config, torch.float32, "cpu", 2, 2048, 4, come.ComeConfig(method=m), None,
+                                         {"gpu": 0.0, "host": 1e12})["memory"]["prune"]["parts_bytes"]
+             for m in ("sleb", "come")}
     with torch.no_grad(), LiveBytes() as counted:
         come.token_nll(model, hidden, ids, normed=True)
     small = 4 * hidden.numel() * 4
-    assert plan["NLL logits"] - small <= counted.peak <= plan["NLL logits"] + small
+    assert plans["sleb"]["NLL logits"] - small <= counted.peak <= plans["sleb"]["NLL logits"] + small
+    assert plans["come"]["NLL logits"] == 0         # CoMe chooses from the cached states: no NLL while pruning
 
 
 def test_passes_over_the_windows_hand_the_heap_back_after_every_layer_and_window(monkeypatch):
