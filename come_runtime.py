@@ -558,9 +558,9 @@ def memory_plan(config, dtype: torch.dtype, device: str, windows: int, seqlen: i
                  "merge": (2 if cfg.method == "come-p" or cfg.skip_score == "merge" else 1) * per_layer * e
                  + biggest * (4 * (1 + 2 * (e != 4 or cfg.fold_norms)) + e * (e != 4)),
                  # refit: the float32 layer and its float32 state-dict copy; float64 G, the solve's matrix and its LU
-                 # factor (d_ff x d_ff each; z^T z lives only while the sums run, before them), C, W_0, the right-hand
-                 # side, its copy and the solution (d x d_ff each), one window's z, output and residual in float64;
-                 # auto: the held-out window's G and C
+                 # factor (d_ff x d_ff each; z^T z lives only while the sums run, before the solve), C, W_0, the
+                 # right-hand side, its copy and the solution (d x d_ff each), one window's z, output and residual in
+                 # float64; auto: the held-out window's G and C
                  "refit": repair * (per_layer * 8 * (e != 4) + (f * f * 3 + d * f * 5 + seqlen * (f + 3 * d)
                                     + (f * f + d * f) * 2 * (cfg.repair_alpha == "auto")) * 8),
                  "scratch boundary (offloaded suffix)": one_state * (offload > 0 and suffix_passes),
